@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything nubis needs on a Debian 12 machine, as root: the Debian packages its tools,
+# guest images, nested test host and benchmarks use, and a virtual environment at .venv with nubis
+# and its development tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+    python3 python3-venv python3-pip   # the interpreter and venv
+    gcc libc6-dev                      # benchmarks compile their C reference loops
+    qemu-system-x86                    # the nested test host and the reference VMM
+    busybox-static cpio lz4 kmod       # guest initramfs
+    e2fsprogs                          # guest ext4 root filesystem (mke2fs -d)
+    acpica-tools                       # iasl, which checks nubis's ACPI tables
+    iproute2                           # tap devices and network namespaces in tests
+    ca-certificates
+)
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'

@@ -1,0 +1,1 @@
+"""Address-space and id allocators (vm-allocator counterpart)."""

@@ -1,0 +1,1 @@
+"""Architecture support; only x86_64 exists."""

@@ -1,0 +1,1 @@
+"""Command line (cloud-hypervisor's key=value grammar) into the config model."""

@@ -1,0 +1,1 @@
+"""Device plumbing (PIO/MMIO buses, interrupt triggers) and legacy device register models."""

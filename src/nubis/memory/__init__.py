@@ -1,0 +1,1 @@
+"""Guest physical memory: `GuestAddress`, `GuestMemory` made of mmap/memfd regions, bounds-checked access."""

@@ -1,0 +1,1 @@
+"""virtio: split virtqueues (sans-IO), the PCI transport, one module per device."""

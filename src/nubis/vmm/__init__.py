@@ -1,0 +1,1 @@
+"""The VMM: config model, builder, vCPU threads, device workers, lifecycle, control loop."""
