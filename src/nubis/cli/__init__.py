@@ -1,1 +1,310 @@
-"""Command line (cloud-hypervisor's key=value grammar) into the config model."""
+"""The ``nubis`` command line: cloud-hypervisor's option grammar into a :class:`VmConfig`.
+
+Options that describe a device take comma-separated ``key=value`` lists, as cloud-hypervisor's
+do: ``--cpus boot=2``, ``--memory size=512M``, ``--disk path=disk.img,readonly=on``. Booleans are
+``on``/``off`` (or ``true``/``false``). A value containing commas can be double-quoted.
+
+Exit status of ``nubis`` running a VM:
+
+=====  ==========================================================================
+0      the guest powered off (ACPI S5, or ``poweroff``), or nubis was asked to stop
+       (SIGTERM, SIGINT, the API's ``vmm.shutdown``) and shut the VM down cleanly
+1      nubis failed: a KVM error, an unexpected vCPU exit, a device it could not set up
+2      bad input: an invalid option, a missing kernel, a value out of range
+3      the guest reset itself and ``--no-reboot`` was given (so ``panic=-1`` on the
+       guest's command line turns a kernel panic into exit status 3)
+=====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nubis import __version__
+from nubis.vmm.config import (
+    ConfigError,
+    ConsoleConfig,
+    ConsoleMode,
+    CpusConfig,
+    DiskConfig,
+    MemoryConfig,
+    NetConfig,
+    PayloadConfig,
+    RngConfig,
+    VmConfig,
+    parse_size,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_GUEST_RESET = 3
+
+
+class UsageError(ValueError):
+    """A command-line option is malformed; the message is one sentence."""
+
+
+def split_options(text: str, option: str) -> dict[str, str]:
+    """Split ``a=1,b="x,y"`` into ``{"a": "1", "b": "x,y"}``; keys must be unique."""
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if quoted:
+        raise UsageError(f"{option} {text!r} has an unterminated double quote")
+    items.append("".join(current))
+    result: dict[str, str] = {}
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{option} expects key=value pairs, and {item!r} has no '='")
+        if key in result:
+            raise UsageError(f"{option} gives {key!r} more than once")
+        result[key] = value
+    return result
+
+
+def _known(option: str, values: dict[str, str], allowed: Sequence[str]) -> None:
+    for key in values:
+        if key not in allowed:
+            raise UsageError(f"{option} has no parameter {key!r}; it takes {', '.join(allowed)}")
+
+
+def _bool(option: str, key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise UsageError(f"{option} {key}={value!r} must be on or off")
+
+
+def _int(option: str, key: str, value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise UsageError(f"{option} {key}={value!r} is not a number") from None
+
+
+def parse_cpus(text: str) -> CpusConfig:
+    """``--cpus boot=N[,max=M]``."""
+    values = split_options(text, "--cpus")
+    _known("--cpus", values, ("boot", "max"))
+    boot = _int("--cpus", "boot", values["boot"]) if "boot" in values else 1
+    maximum = _int("--cpus", "max", values["max"]) if "max" in values else None
+    return CpusConfig(boot_vcpus=boot, max_vcpus=maximum)
+
+
+def parse_memory(text: str) -> MemoryConfig:
+    """``--memory size=SIZE[,shared=on]``."""
+    values = split_options(text, "--memory")
+    _known("--memory", values, ("size", "shared"))
+    size = parse_size(values["size"], "--memory size") if "size" in values else MemoryConfig.size
+    shared = _bool("--memory", "shared", values["shared"]) if "shared" in values else False
+    return MemoryConfig(size=size, shared=shared)
+
+
+def parse_disk(text: str) -> DiskConfig:
+    """``--disk path=FILE[,readonly=on][,direct=on][,id=NAME][,serial=STR]``."""
+    values = split_options(text, "--disk")
+    _known("--disk", values, ("path", "readonly", "direct", "id", "serial"))
+    if "path" not in values:
+        raise UsageError("--disk needs path=FILE")
+    return DiskConfig(
+        path=values["path"],
+        readonly=_bool("--disk", "readonly", values["readonly"]) if "readonly" in values else False,
+        direct=_bool("--disk", "direct", values["direct"]) if "direct" in values else False,
+        id=values.get("id"),
+        serial=values.get("serial"),
+    )
+
+
+def parse_net(text: str) -> NetConfig:
+    """``--net tap=NAME,ip=ADDR,mask=MASK,mac=MAC,host_mac=MAC,mtu=N,num_queues=N,id=NAME``."""
+    values = split_options(text, "--net")
+    _known("--net", values, ("tap", "ip", "mask", "mac", "host_mac", "mtu", "num_queues", "id"))
+    return NetConfig(
+        tap=values.get("tap") or None,
+        ip=values.get("ip") or None,
+        mask=values.get("mask") or None,
+        mac=values.get("mac") or None,
+        host_mac=values.get("host_mac") or None,
+        mtu=_int("--net", "mtu", values["mtu"]) if values.get("mtu") else None,
+        num_queues=_int("--net", "num_queues", values["num_queues"])
+        if values.get("num_queues")
+        else 2,
+        id=values.get("id") or None,
+    )
+
+
+def parse_rng(text: str) -> RngConfig:
+    """``--rng src=PATH``."""
+    values = split_options(text, "--rng")
+    _known("--rng", values, ("src",))
+    return RngConfig(src=values.get("src", RngConfig.src))
+
+
+def parse_console(text: str, option: str) -> ConsoleConfig:
+    """``off``, ``null``, ``tty`` or ``file=PATH`` for ``--serial`` and ``--console``."""
+    lowered = text.lower()
+    simple = {"off": ConsoleMode.OFF, "null": ConsoleMode.NULL, "tty": ConsoleMode.TTY}
+    if lowered in simple:
+        return ConsoleConfig(simple[lowered])
+    if lowered.startswith("file="):
+        path = text[len("file=") :]
+        if not path:
+            raise UsageError(f"{option} file= needs a path")
+        return ConsoleConfig(ConsoleMode.FILE, path)
+    raise UsageError(f"{option} {text!r} is not one of off, null, tty, file=PATH")
+
+
+def parse_path_option(text: str, option: str) -> str:
+    """``path=PATH`` or a bare ``PATH`` (for ``--api-socket`` and ``--event-monitor``)."""
+    if "=" not in text:
+        return text
+    values = split_options(text, option)
+    _known(option, values, ("path",))
+    if not values.get("path"):
+        raise UsageError(f"{option} needs path=PATH")
+    return values["path"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run the VMM process, beyond the VM's own configuration."""
+
+    no_reboot: bool = False
+    verbosity: int = 0
+    log_file: str | None = None
+    api_socket: str | None = None
+    event_monitor: str | None = None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for running a VM (``nubis --kernel ...``)."""
+    parser = _Parser(
+        prog="nubis",
+        description="A lightweight virtual machine monitor on KVM. Subcommands: "
+        "'nubis demo' boots a default guest, 'nubis image build' builds guest images.",
+        epilog="Exit status: 0 guest powered off or VMM stopped cleanly, 1 failure, 2 bad input, "
+        "3 guest reset with --no-reboot.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"nubis {__version__}")
+    parser.add_argument("--kernel", help="kernel to boot: an ELF vmlinux (PVH entry) or a bzImage")
+    parser.add_argument("--initramfs", help="initramfs (cpio archive) for the kernel")
+    parser.add_argument("--cmdline", default="", help="kernel command line")
+    parser.add_argument("--cpus", default="boot=1", help="boot=N: number of vCPUs (default boot=1)")
+    parser.add_argument(
+        "--memory", default="size=512M", help="size=SIZE[,shared=on] (default size=512M)"
+    )
+    parser.add_argument(
+        "--disk",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="path=FILE,...",
+        help="virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME][,serial=STR]",
+    )
+    parser.add_argument(
+        "--net",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="tap=NAME,...",
+        help="virtio-net device: tap=NAME,ip=ADDR,mask=MASK,mac=MAC,mtu=N,num_queues=N,id=NAME",
+    )
+    parser.add_argument("--rng", default="src=/dev/urandom", help="virtio-rng: src=PATH, or 'off'")
+    parser.add_argument(
+        "--serial", default="tty", help="16550 serial port: off|null|tty|file=PATH (default tty)"
+    )
+    parser.add_argument(
+        "--console", default="off", help="virtio-console hvc0: off|null|tty|file=PATH (default off)"
+    )
+    parser.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="exit (status 3) when the guest resets instead of rebooting it",
+    )
+    parser.add_argument("--api-socket", help="serve the REST API on this Unix socket: path=PATH")
+    parser.add_argument("--event-monitor", help="write one JSON event per line to path=PATH")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
+    parser.add_argument("--log-file", help="write the log here instead of standard error")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[VmConfig | None, RunOptions]:
+    """Parse a VM command line; the config is None when no kernel is given (API-only start)."""
+    args = build_parser().parse_args(list(argv))
+    options = RunOptions(
+        no_reboot=args.no_reboot,
+        verbosity=args.verbose,
+        log_file=args.log_file,
+        api_socket=parse_path_option(args.api_socket, "--api-socket") if args.api_socket else None,
+        event_monitor=parse_path_option(args.event_monitor, "--event-monitor")
+        if args.event_monitor
+        else None,
+    )
+    if args.kernel is None:
+        if args.initramfs or args.disk or args.net:
+            raise UsageError("--kernel is required to boot a VM")
+        return None, options
+    config = VmConfig(
+        payload=PayloadConfig(kernel=args.kernel, initramfs=args.initramfs, cmdline=args.cmdline),
+        cpus=parse_cpus(args.cpus),
+        memory=parse_memory(args.memory),
+        disks=tuple(parse_disk(d) for d in args.disk),
+        net=tuple(parse_net(n) for n in args.net),
+        rng=None if args.rng.lower() == "off" else parse_rng(args.rng),
+        serial=parse_console(args.serial, "--serial"),
+        console=parse_console(args.console, "--console"),
+    )
+    return config, options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nubis`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
+        from nubis.vmm.demo import main as demo_main
+
+        return demo_main(args[1:])
+    if args and args[0] == "image":
+        from nubis.image.__main__ import main as image_main
+
+        return image_main(args[1:])
+    try:
+        config, options = parse_args(args)
+        if config is not None:
+            config.check_host()
+    except (UsageError, ConfigError) as error:
+        print(f"nubis: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if config is None and options.api_socket is None:
+        print(
+            "nubis: error: give --kernel to boot a VM, or --api-socket to wait for one",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    from nubis.vmm.runner import run
+
+    return run(config, options)
