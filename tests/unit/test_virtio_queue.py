@@ -1,0 +1,310 @@
+"""Tests for the split virtqueue (nubis.virtio.queue) driven by the mock driver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from nubis.memory import GuestMemory
+from nubis.virtio.mock import MockSplitQueue
+from nubis.virtio.queue import (
+    DESC,
+    RING_HEADER,
+    RING_U16,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    Queue,
+    QueueError,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+    vring_need_event,
+)
+
+RAM = 0x10000
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    mem = GuestMemory([(0, RAM)])
+    yield mem
+    mem.close()
+
+
+def test_layouts_match_the_spec() -> None:
+    assert DESC.size == 16
+    assert DESC.pack(1, 2, 3, 4) == (1).to_bytes(8, "little") + (2).to_bytes(4, "little") + (
+        3
+    ).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    assert RING_HEADER.size == 4
+    assert RING_U16.size == 2
+    assert USED_ELEM.size == 8
+    assert (desc_table_size(256), avail_ring_size(256), used_ring_size(256)) == (4096, 518, 2054)
+    assert (VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT) == (1, 2, 4)
+
+
+def test_max_size_must_be_a_power_of_two() -> None:
+    for bad in (0, 3, 65536, -1):
+        with pytest.raises(ValueError):
+            Queue(bad)
+    assert Queue(32768).size == 32768
+
+
+def test_reset_restores_defaults(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue(event_idx=True)
+    queue.size = 4
+    mock.add_chain([b"x"])
+    queue.size = 8
+    assert queue.pop_descriptor_chain(memory) is not None
+    queue.reset()
+    assert (queue.size, queue.ready, queue.event_idx, queue.next_avail) == (8, False, False, 0)
+    assert (queue.desc_table, queue.avail_ring, queue.used_ring) == (0, 0, 0)
+
+
+def test_pop_returns_chain_and_add_used_publishes(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    assert queue.pop_descriptor_chain(memory) is None
+    sent = mock.add_chain([b"hello", b"world!"], [100, 1])
+    chain = queue.pop_descriptor_chain(memory)
+    assert chain is not None
+    assert chain.head_index == sent.head
+    assert [(d.addr, d.len) for d in chain.readable()] == sent.readable
+    assert [(d.addr, d.len) for d in chain.writable()] == sent.writable
+    assert all(d.is_write_only for d in chain.writable())
+    assert chain.readable_len() == 11 and chain.writable_len() == 101
+    assert b"".join(chain.readable_views(memory)) == b"helloworld!"
+    views = chain.writable_views(memory)
+    views[0][:3] = b"abc"
+    assert memory.read(sent.writable[0][0], 3) == b"abc"
+    assert len(chain) == 4 and list(chain) == chain.descriptors
+    assert queue.pop_descriptor_chain(memory) is None
+    queue.add_used(memory, chain.head_index, 42)
+    assert mock.take_used() == [(sent.head, 42)]
+    assert queue.next_used == 1
+
+
+def test_indirect_chain_is_expanded(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    sent = mock.add_chain([b"a" * 16], [512, 1], indirect=True)
+    chain = queue.pop_descriptor_chain(memory)
+    assert chain is not None
+    assert chain.head_index == sent.head
+    assert [(d.addr, d.len) for d in chain.readable()] == sent.readable
+    assert [(d.addr, d.len) for d in chain.writable()] == sent.writable
+
+
+def test_ring_wraps_around(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 4, 0)
+    queue = mock.create_queue()
+    for round_ in range(70000 // 4 // 100):
+        for i in range(4):
+            mock.add_chain([bytes([round_ & 0xFF, i])])
+        for _ in range(4):
+            chain = queue.pop_descriptor_chain(memory)
+            assert chain is not None
+            queue.add_used(memory, chain.head_index, 0)
+        mock.reset_data()
+        assert len(mock.take_used()) == 4
+    # Force the 16-bit indices across the wrap point.
+    mock.avail_idx = queue.next_avail = 0xFFFE
+    mock.set_avail_idx(0xFFFE)
+    for i in range(4):
+        mock.add_chain([bytes([i])])
+    seen = []
+    while (chain := queue.pop_descriptor_chain(memory)) is not None:
+        seen.append(bytes(chain.readable_views(memory)[0]))
+    assert seen == [b"\0", b"\1", b"\2", b"\3"]
+    assert queue.next_avail == 2
+
+
+def test_avail_idx_jumping_ahead_is_an_error(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    mock.set_avail_idx(9)
+    with pytest.raises(QueueError, match="ahead"):
+        queue.pop_descriptor_chain(memory)
+    mock.set_avail_idx(8)
+    mock.write_descriptor(0, 0x8000, 1, 0, 0)
+    assert queue.pop_descriptor_chain(memory) is not None  # head slots are all zero
+
+
+def test_head_index_beyond_size_is_an_error(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    mock.publish(8)
+    with pytest.raises(QueueError, match="beyond queue size"):
+        queue.pop_descriptor_chain(memory)
+
+
+@pytest.mark.parametrize(
+    ("descriptors", "message"),
+    [
+        ([(0x8000, 4, VIRTQ_DESC_F_NEXT, 0)], "loops"),
+        ([(0x8000, 4, VIRTQ_DESC_F_NEXT, 1), (0x8000, 4, VIRTQ_DESC_F_NEXT, 0)], "loops"),
+        ([(0x8000, 4, VIRTQ_DESC_F_NEXT, 8)], "beyond"),
+        ([(RAM - 4, 8, 0, 0)], "outside guest RAM"),
+        ([(2**64 - 1, 2**32 - 1, 0, 0)], "outside guest RAM"),
+        (
+            [(0x8000, 4, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1), (0x8000, 4, 0, 0)],
+            "readable buffer after a writable",
+        ),
+        ([(0x8000, 0, VIRTQ_DESC_F_INDIRECT, 0)], "multiple of 16"),
+        ([(0x8000, 24, VIRTQ_DESC_F_INDIRECT, 0)], "multiple of 16"),
+        ([(0x8000, 16 * 9, VIRTQ_DESC_F_INDIRECT, 0)], "more than the queue size"),
+        ([(RAM - 16, 32, VIRTQ_DESC_F_INDIRECT, 0)], "not inside guest RAM"),
+        ([(0x8000, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1)], "INDIRECT and NEXT"),
+    ],
+)
+def test_bad_chains_are_errors(
+    memory: GuestMemory, descriptors: list[tuple[int, int, int, int]], message: str
+) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    for index, desc in enumerate(descriptors):
+        mock.write_descriptor(index, *desc)
+    mock.publish(0)
+    with pytest.raises(QueueError, match=message):
+        queue.pop_descriptor_chain(memory)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ([(0x9000, 4, VIRTQ_DESC_F_INDIRECT, 0)], "nests"),
+        ([(0x9000, 4, VIRTQ_DESC_F_NEXT, 0)], "loops"),
+        ([(0x9000, 4, VIRTQ_DESC_F_NEXT, 1), (0x9000, 4, VIRTQ_DESC_F_NEXT, 2)], "beyond"),
+        ([(RAM, 1, 0, 0)], "outside guest RAM"),
+    ],
+)
+def test_bad_indirect_tables_are_errors(
+    memory: GuestMemory, table: list[tuple[int, int, int, int]], message: str
+) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    for index, desc in enumerate(table):
+        memory.write(0x8000 + 16 * index, DESC.pack(*desc))
+    mock.write_descriptor(0, 0x8000, 16 * len(table), VIRTQ_DESC_F_INDIRECT, 0)
+    mock.publish(0)
+    with pytest.raises(QueueError, match=message):
+        queue.pop_descriptor_chain(memory)
+
+
+def test_chain_of_exactly_queue_size_is_accepted(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 4, 0)
+    queue = mock.create_queue()
+    for i in range(4):
+        mock.write_descriptor(i, 0x8000 + i, 1, VIRTQ_DESC_F_NEXT if i < 3 else 0, i + 1)
+    mock.publish(0)
+    chain = queue.pop_descriptor_chain(memory)
+    assert chain is not None and len(chain) == 4
+
+
+def test_direct_descriptors_before_an_indirect_table_count_towards_the_limit(
+    memory: GuestMemory,
+) -> None:
+    mock = MockSplitQueue(memory, 4, 0)
+    queue = mock.create_queue()
+    for i in range(4):
+        memory.write(
+            0x8000 + 16 * i, DESC.pack(0x9000, 1, VIRTQ_DESC_F_NEXT if i < 3 else 0, i + 1)
+        )
+    mock.write_descriptor(0, 0x9000, 1, VIRTQ_DESC_F_NEXT, 1)
+    mock.write_descriptor(1, 0x8000, 64, VIRTQ_DESC_F_INDIRECT, 0)
+    mock.publish(0)
+    with pytest.raises(QueueError, match="more than the queue size"):
+        queue.pop_descriptor_chain(memory)
+
+
+def test_zero_length_buffers_are_allowed_anywhere(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 4, 0)
+    queue = mock.create_queue()
+    mock.write_descriptor(0, 2**64 - 1, 0, VIRTQ_DESC_F_WRITE, 0)
+    mock.publish(0)
+    chain = queue.pop_descriptor_chain(memory)
+    assert chain is not None
+    assert chain.writable_views(memory) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("desc_table", 8, "aligned"),
+        ("avail_ring", 1, "aligned"),
+        ("used_ring", 2, "aligned"),
+        ("desc_table", RAM - 16, "not inside guest RAM"),
+        ("used_ring", RAM - 4, "not inside guest RAM"),
+        ("avail_ring", 2**64 - 2, "not inside guest RAM"),
+        ("size", 3, "power of two"),
+        ("size", 16, "power of two"),
+        ("size", 0, "power of two"),
+        ("ready", False, "ready"),
+    ],
+)
+def test_bad_ring_configuration_is_an_error(
+    memory: GuestMemory, field: str, value: object, message: str
+) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    setattr(queue, field, value)
+    with pytest.raises(QueueError, match=message):
+        queue.pop_descriptor_chain(memory)
+    with pytest.raises(QueueError, match=message):
+        queue.add_used(memory, 0, 0)
+
+
+def test_add_used_checks_its_arguments(memory: GuestMemory) -> None:
+    queue = MockSplitQueue(memory, 8, 0).create_queue()
+    with pytest.raises(QueueError):
+        queue.add_used(memory, 8, 0)
+    with pytest.raises(QueueError):
+        queue.add_used(memory, 0, 2**32)
+
+
+def test_notification_without_event_idx(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    assert queue.needs_notification(memory)
+    mock.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    assert not queue.needs_notification(memory)
+    queue.disable_notification(memory)
+    assert mock.used_flags() & VIRTQ_USED_F_NO_NOTIFY
+    assert not queue.enable_notification(memory)
+    assert not mock.used_flags() & VIRTQ_USED_F_NO_NOTIFY
+    mock.add_chain([b"x"])
+    assert queue.enable_notification(memory)
+
+
+def test_notification_with_event_idx(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue(event_idx=True)
+    for _ in range(3):
+        mock.add_chain([b"x"])
+    queue.disable_notification(memory)
+    assert mock.used_flags() == 0  # EVENT_IDX suppresses through avail_event only
+    chains = [queue.pop_descriptor_chain(memory) for _ in range(3)]
+    assert not queue.enable_notification(memory)
+    assert mock.avail_event() == 3
+    mock.set_used_event(1)  # the driver wants an interrupt once used idx passes 1
+    queue.add_used(memory, chains[0].head_index, 0)  # type: ignore[union-attr]
+    assert queue.needs_notification(memory)  # the first answer is always yes
+    queue.add_used(memory, chains[1].head_index, 0)  # type: ignore[union-attr]
+    assert queue.needs_notification(memory)  # used idx 1 -> 2 passes used_event 1
+    queue.add_used(memory, chains[2].head_index, 0)  # type: ignore[union-attr]
+    assert not queue.needs_notification(memory)  # 2 -> 3 does not
+    mock.set_used_event(3)
+    assert not queue.needs_notification(memory)  # nothing new was used
+
+
+def test_vring_need_event_examples() -> None:
+    assert vring_need_event(0, 1, 0)
+    assert not vring_need_event(1, 1, 0)
+    assert vring_need_event(0xFFFF, 1, 0xFFFE)
+    assert not vring_need_event(5, 3, 3)
