@@ -66,7 +66,8 @@ class MockSplitQueue:
             raise ValueError(f"mock queue base {base:#x} is not in guest RAM")
         self.data_end = region.end if data_end is None else data_end
         self._next_data = self.data_start
-        self._next_free_desc = 0
+        self._free_descs = list(range(size))
+        self._chain_descs: dict[int, list[int]] = {}
         self.avail_idx = 0
         self.used_seen = 0
         memory.write(base, bytes(self.data_start - base))
@@ -148,7 +149,9 @@ class MockSplitQueue:
         entries = []
         end = self.used_idx()
         while self.used_seen != end:
-            entries.append(self.used_entry(self.used_seen))
+            entry = self.used_entry(self.used_seen)
+            entries.append(entry)
+            self._free_descs.extend(self._chain_descs.pop(entry[0], []))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return entries
 
@@ -184,7 +187,9 @@ class MockSplitQueue:
                     DESC.pack(addr, length, flags | more, i + 1 if more else 0),
                 )
             entries = [(table, DESC.size * len(entries), VIRTQ_DESC_F_INDIRECT)]
-        indices = [self._take_desc() for _ in entries]
+        if len(entries) > len(self._free_descs):
+            raise ValueError("mock queue has no free descriptors left for this chain")
+        indices = [self._free_descs.pop(0) for _ in entries]
         for i, (addr, length, flags) in enumerate(entries):
             last = i + 1 == len(entries)
             self.write_descriptor(
@@ -195,13 +200,9 @@ class MockSplitQueue:
                 0 if last else indices[i + 1],
             )
         chain.head = indices[0]
+        self._chain_descs[chain.head] = indices
         self.publish(chain.head)
         return chain
-
-    def _take_desc(self) -> int:
-        index = self._next_free_desc
-        self._next_free_desc = (index + 1) % self.size
-        return index
 
     def read_buffers(self, buffers: Sequence[tuple[int, int]]) -> bytes:
         """Concatenate the contents of ``buffers`` (address, length pairs)."""

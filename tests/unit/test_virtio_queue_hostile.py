@@ -1,0 +1,143 @@
+"""Property tests: a hostile driver against nubis.virtio.queue, and round trips of valid chains."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nubis.memory import GuestMemory
+from nubis.virtio.mock import MockSplitQueue
+from nubis.virtio.queue import DESC, QueueError, vring_need_event
+
+# Two small regions with a hole between them: [0, 16K) and [32K, 48K).
+REGIONS = [(0, 0x4000), (0x8000, 0x4000)]
+SIZE = 8
+TABLE_AREA = 0x8000  # where hostile indirect tables live
+
+addresses = st.one_of(
+    st.sampled_from(
+        [0, 0x1000, 0x3FF0, 0x3FFF, 0x4000, 0x7FF0, 0x8000, 0xBFF0, 0xC000, 2**63, 2**64 - 16]
+    ),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 2**64 - 1),
+)
+lengths = st.one_of(
+    st.sampled_from([0, 1, 15, 16, 32, 48, 128, 0x4000, 0x8000, 2**32 - 1]),
+    st.integers(0, 2**32 - 1),
+)
+descriptors = st.tuples(addresses, lengths, st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)).map(
+    lambda d: (
+        d[0],
+        d[1],
+        d[2] & 0x7 if d[2] < 0xF000 else d[2],
+        d[3] % 12 if d[3] < 0xF000 else d[3],
+    )
+)
+
+
+def _snapshot(memory: GuestMemory) -> list[bytes]:
+    return [bytes(region.view) for region in memory.regions]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    table=st.lists(descriptors, min_size=SIZE, max_size=SIZE),
+    indirect=st.lists(descriptors, min_size=0, max_size=12),
+    ring=st.lists(
+        st.integers(0, 0xFFFF).map(lambda v: v % 10 if v < 0xF000 else v),
+        min_size=SIZE,
+        max_size=SIZE,
+    ),
+    avail_idx=st.integers(0, 0xFFFF).map(lambda v: v % 12 if v < 0xE000 else v),
+    event_idx=st.booleans(),
+)
+def test_hostile_rings_raise_only_queue_errors(
+    table: list[tuple[int, int, int, int]],
+    indirect: list[tuple[int, int, int, int]],
+    ring: list[int],
+    avail_idx: int,
+    event_idx: bool,
+) -> None:
+    with GuestMemory(REGIONS) as memory:
+        mock = MockSplitQueue(memory, SIZE, 0)
+        queue = mock.create_queue(event_idx=event_idx)
+        for index, desc in enumerate(table):
+            mock.write_descriptor(index, *desc)
+        for index, desc in enumerate(indirect):
+            memory.write(TABLE_AREA + DESC.size * index, DESC.pack(*desc))
+        for slot, head in enumerate(ring):
+            memory.write_u16(mock.avail_ring + 4 + 2 * slot, head)
+        mock.set_avail_idx(avail_idx)
+        before = _snapshot(memory)
+        popped = []
+        try:
+            while (chain := queue.pop_descriptor_chain(memory)) is not None:
+                popped.append(chain)
+                for desc in chain:
+                    assert desc.len == 0 or memory.contains(desc.addr, desc.len)
+                assert len(chain) <= SIZE
+                assert chain.head_index < SIZE
+                assert sum(1 for d in chain if not d.is_write_only) == chain.readable_count
+        except QueueError:
+            pass
+        assert len(popped) <= SIZE
+        # Popping only reads guest memory.
+        assert _snapshot(memory) == before
+        for chain in popped:
+            queue.add_used(memory, chain.head_index, chain.writable_len() & 0xFFFFFFFF)
+        queue.needs_notification(memory)
+        queue.enable_notification(memory) if queue.next_avail == avail_idx else None
+        after = _snapshot(memory)
+        # Only the used ring (flags/idx/elements/avail_event) may change.
+        used_start, used_end = mock.used_ring, mock.used_ring + 6 + 8 * SIZE
+        changed = [i for i, (a, b) in enumerate(zip(before[0], after[0], strict=True)) if a != b]
+        assert all(used_start <= i < used_end for i in changed)
+        assert before[1] == after[1]
+        assert mock.take_used() == [(c.head_index, c.writable_len() & 0xFFFFFFFF) for c in popped]
+
+
+chains = st.lists(
+    st.tuples(
+        st.lists(st.binary(min_size=0, max_size=64), max_size=3),
+        st.lists(st.integers(0, 300), max_size=3),
+        st.booleans(),
+    ).filter(lambda c: len(c[0]) + len(c[1]) > 0),
+    min_size=1,
+    max_size=6,
+).filter(lambda cs: sum(1 if ind else len(r) + len(w) for r, w, ind in cs) <= SIZE)
+
+
+@settings(max_examples=100, deadline=None)
+@given(chains=chains, start=st.integers(0, 0xFFFF))
+def test_valid_chains_round_trip(
+    chains: list[tuple[list[bytes], list[int], bool]], start: int
+) -> None:
+    with GuestMemory(REGIONS) as memory:
+        mock = MockSplitQueue(memory, SIZE, 0)
+        queue = mock.create_queue()
+        mock.avail_idx = queue.next_avail = queue.next_used = mock.used_seen = start
+        mock.set_avail_idx(start)
+        memory.write_u16(mock.used_ring + 2, start)
+        sent = [mock.add_chain(r, w, indirect=ind) for r, w, ind in chains]
+        for expected, (readable, _, _) in zip(sent, chains, strict=True):
+            chain = queue.pop_descriptor_chain(memory)
+            assert chain is not None
+            assert chain.head_index == expected.head
+            assert [(d.addr, d.len) for d in chain.readable()] == expected.readable
+            assert [(d.addr, d.len) for d in chain.writable()] == expected.writable
+            assert b"".join(bytes(v) for v in chain.readable_views(memory)) == b"".join(readable)
+            queue.add_used(memory, chain.head_index, 7)
+        assert queue.pop_descriptor_chain(memory) is None
+        assert mock.take_used() == [(c.head, 7) for c in sent]
+
+
+@given(event=st.integers(0, 0xFFFF), old=st.integers(0, 0xFFFF), step=st.integers(0, 0xFFFF))
+def test_vring_need_event_matches_its_definition(event: int, old: int, step: int) -> None:
+    new = (old + step) & 0xFFFF
+    # Needed exactly when used_event is one of the indices the device moved past.
+    expected = (
+        any((old + k) & 0xFFFF == event for k in range(step))
+        if step < 64
+        else ((event - old) & 0xFFFF < step)
+    )
+    assert vring_need_event(event, new, old) == expected
