@@ -1,0 +1,123 @@
+"""What kind of KVM this host offers, and whether it can run an unmodified Linux guest.
+
+Three kinds of /dev/kvm matter to nubis (see PLATFORM.md):
+
+* VMX (Intel VT-x, SDM Vol. 3C chapter 23) or SVM (AMD-V, APM Vol. 2 chapter 15): hardware
+  virtualization, which runs any x86-64 guest. The processor advertises it in CPUID, which
+  Linux shows as the ``vmx`` or ``svm`` flag in ``/proc/cpuinfo``.
+* PVM (the ``kvm_pvm`` module, visible as ``/sys/module/kvm_pvm``): a shadow-paging KVM whose
+  guest kernel runs at CPL 3. Tiny guests run, but an unmodified Linux kernel stops early on
+  instructions PVM cannot emulate; only PVM-enlightened kernels boot.
+* none: no /dev/kvm, or one nubis cannot open.
+
+The check reads only files, under roots that tests replace with fake trees.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+NESTED_HOST_HINT: Final = (
+    "use the nested test host (a Linux VM under QEMU TCG with emulated SVM, see nubis.testbed)"
+)
+
+
+class KvmKind(enum.Enum):
+    """The virtualization technology behind /dev/kvm."""
+
+    NONE = "none"
+    PVM = "pvm"
+    VMX = "vmx"
+    SVM = "svm"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class HostKvm:
+    """The result of ``detect_host_kvm``: what /dev/kvm is here and what it can run."""
+
+    dev_kvm_present: bool
+    dev_kvm_accessible: bool
+    kind: KvmKind
+    can_run_linux: bool
+    reason: str
+
+
+def _cpu_flags(proc_root: Path) -> set[str]:
+    try:
+        text = (proc_root / "cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def detect_host_kvm(
+    proc_root: str | os.PathLike[str] = "/proc",
+    sys_root: str | os.PathLike[str] = "/sys",
+    dev_kvm: str | os.PathLike[str] = "/dev/kvm",
+) -> HostKvm:
+    """Tell whether /dev/kvm exists, which kind it is and whether it can boot unmodified Linux.
+
+    ``reason`` is one sentence, suitable as an error message when ``can_run_linux`` is false.
+    """
+    proc = Path(proc_root)
+    sysfs = Path(sys_root)
+    dev = Path(dev_kvm)
+    present = dev.exists()
+    accessible = present and os.access(dev, os.R_OK | os.W_OK)
+    if not present:
+        return HostKvm(
+            False,
+            False,
+            KvmKind.NONE,
+            False,
+            f"this host has no {dev}, so it cannot run virtual machines; {NESTED_HOST_HINT}",
+        )
+    if (sysfs / "module" / "kvm_pvm").exists():
+        return HostKvm(
+            True,
+            accessible,
+            KvmKind.PVM,
+            False,
+            f"this host's {dev} is PVM (kvm_pvm), which cannot run an unmodified Linux "
+            f"kernel; {NESTED_HOST_HINT}",
+        )
+    flags = _cpu_flags(proc)
+    if "vmx" in flags or (sysfs / "module" / "kvm_intel").exists():
+        kind = KvmKind.VMX
+    elif "svm" in flags or (sysfs / "module" / "kvm_amd").exists():
+        kind = KvmKind.SVM
+    else:
+        return HostKvm(
+            True,
+            accessible,
+            KvmKind.UNKNOWN,
+            False,
+            f"this host's {dev} is neither VMX nor SVM (no vmx or svm flag in "
+            f"{proc / 'cpuinfo'}), so it may not run an unmodified Linux kernel; "
+            f"{NESTED_HOST_HINT}",
+        )
+    if not accessible:
+        return HostKvm(
+            True,
+            False,
+            kind,
+            False,
+            f"this host's {dev} ({kind.name}) cannot be opened for reading and writing by "
+            "this user; add the user to the kvm group or run as root",
+        )
+    return HostKvm(
+        True,
+        True,
+        kind,
+        True,
+        f"this host's {dev} uses {kind.name}, which runs unmodified Linux kernels",
+    )
