@@ -1,0 +1,137 @@
+"""The host side of the guest's consoles: where output goes and where input comes from.
+
+A console (the 16550 serial port or virtio-console) is configured as Off (no device), Null
+(a device whose output is dropped), Tty (nubis's standard output, and standard input in raw
+mode when it is a terminal) or File (output appended to a file). Device models only see a
+writer with ``write``/``flush`` and receive input through a callback, so they stay sans-IO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+from nubis.vmm.config import ConsoleConfig, ConsoleMode
+
+_log = logging.getLogger(__name__)
+
+
+class NullOutput:
+    """A console output that drops everything (``Null`` mode)."""
+
+    def write(self, data: bytes, /) -> int:
+        """Drop ``data``."""
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+class FdOutput:
+    """A console output writing straight to a file descriptor, unbuffered."""
+
+    def __init__(self, fd: int, *, owned: bool) -> None:
+        self._fd = fd
+        self._owned = owned
+
+    def write(self, data: bytes, /) -> int:
+        """Write all of ``data``; a closed or broken output drops it rather than stopping the VM."""
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except BlockingIOError:
+            select.select([], [self._fd], [], 1.0)
+            return self.write(bytes(view))
+        except OSError as error:
+            _log.debug("console output dropped: %s", error)
+        return len(data)
+
+    def flush(self) -> None:
+        """Writes are unbuffered."""
+
+    def close(self) -> None:
+        """Close the file if this object opened it."""
+        if self._owned:
+            os.close(self._fd)
+            self._owned = False
+
+
+def open_output(config: ConsoleConfig) -> NullOutput | FdOutput | None:
+    """The writer for a console's output, or None when the console is Off."""
+    if config.mode is ConsoleMode.OFF:
+        return None
+    if config.mode is ConsoleMode.NULL:
+        return NullOutput()
+    if config.mode is ConsoleMode.TTY:
+        return FdOutput(sys.stdout.fileno(), owned=False)
+    assert config.file is not None
+    fd = os.open(config.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    return FdOutput(fd, owned=True)
+
+
+class TerminalInput:
+    """Forwards nubis's standard input to a console while the VM runs.
+
+    When standard input is a terminal it is put in raw mode (so keys reach the guest as typed,
+    Ctrl-C included) and restored on :meth:`stop`. ``sink`` takes bytes and returns how many it
+    accepted; the rest is offered again shortly, so no keystroke is lost.
+    """
+
+    def __init__(self, sink: Callable[[bytes], int], fd: int | None = None) -> None:
+        self._sink = sink
+        self._fd = sys.stdin.fileno() if fd is None else fd
+        self._saved: list[object] | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
+
+    def start(self) -> None:
+        """Enter raw mode (on a terminal) and start forwarding."""
+        if os.isatty(self._fd):
+            with contextlib.suppress(termios.error):
+                self._saved = termios.tcgetattr(self._fd)
+                tty.setraw(self._fd, termios.TCSANOW)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop forwarding and restore the terminal."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)  # type: ignore[arg-type]
+            self._saved = None
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            timeout = 0.01 if pending else None
+            try:
+                ready, _, _ = select.select([self._fd, self._stop_r], [], [], timeout)
+            except (OSError, ValueError):
+                return
+            if self._stop_r in ready:
+                return
+            if not pending and self._fd in ready:
+                try:
+                    pending = os.read(self._fd, 256)
+                except OSError:
+                    return
+                if not pending:
+                    return  # end of input: the guest keeps running without it
+            if pending:
+                taken = self._sink(pending)
+                pending = pending[taken:]
