@@ -15,8 +15,11 @@ control word 0x37f (all exceptions masked, 64-bit precision, round to nearest) a
 
 from __future__ import annotations
 
+import ctypes
 import struct
-from typing import Final
+from typing import Final, Protocol
+
+from nubis.kvm import bindings
 
 APIC_LVT_LINT0: Final = 0x350
 APIC_LVT_LINT1: Final = 0x360
@@ -28,6 +31,22 @@ FPU_CONTROL_WORD: Final = 0x37F
 FPU_MXCSR: Final = 0x1F80
 
 _U32: Final = struct.Struct("<I")
+
+
+class LapicVcpu(Protocol):
+    """The LAPIC and FPU ioctls of a vCPU (``nubis.kvm.VcpuFd`` has them)."""
+
+    def get_lapic(self) -> bindings.kvm_lapic_state:
+        """KVM_GET_LAPIC."""
+        ...
+
+    def set_lapic(self, lapic: bindings.kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC."""
+        ...
+
+    def set_fpu(self, fpu: bindings.kvm_fpu) -> None:
+        """KVM_SET_FPU."""
+        ...
 
 
 def with_delivery_mode(lvt: int, mode: int) -> int:
@@ -44,3 +63,23 @@ def program_lint(regs: bytes) -> bytes:
         (value,) = _U32.unpack_from(page, offset)
         _U32.pack_into(page, offset, with_delivery_mode(value, mode))
     return bytes(page)
+
+
+def boot_fpu() -> bindings.kvm_fpu:
+    """The initial x87/SSE state: control word 0x37f, MXCSR 0x1f80, everything else zero."""
+    return bindings.kvm_fpu(fcw=FPU_CONTROL_WORD, mxcsr=FPU_MXCSR)
+
+
+def setup_fpu(vcpu: LapicVcpu) -> None:
+    """Load the initial FPU state into ``vcpu``."""
+    vcpu.set_fpu(boot_fpu())
+
+
+def setup_lint(vcpu: LapicVcpu) -> None:
+    """Program ``vcpu``'s LVT LINT0 as ExtINT and LINT1 as NMI (needs the in-kernel irqchip)."""
+    state = vcpu.get_lapic()
+    # The register page is a char array: read and write it as raw memory, because ctypes
+    # turns a char array field into bytes that stop at the first NUL.
+    regs = program_lint(ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state)))
+    ctypes.memmove(ctypes.addressof(state), regs, len(regs))
+    vcpu.set_lapic(state)

@@ -14,13 +14,14 @@ for the architectural MSRs; AMD APM Vol. 2 §6.1.1 for the SYSCALL MSRs):
   §12.11.2.1): with no variable or fixed ranges, all guest RAM is write-back.
 
 KVM sets only the MSRs it knows; ``boot_msrs`` keeps those in ``KVM_GET_MSR_INDEX_LIST``
-(KVM API document §4.3), and ``KVM_SET_MSRS`` (§4.19) returns how many it set, which
-``apply_msrs`` checks.
+(KVM API document §4.3). ``KVM_SET_MSRS`` (§4.19) returns how many it set and stops at the
+first it refuses; ``VcpuFd.set_msrs`` turns a short count into an error, and ``apply_msrs``
+reads the values back so a silently ignored write is caught too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
 
 MSR_IA32_TSC: Final = 0x10
@@ -55,23 +56,36 @@ BOOT_MSRS: Final[tuple[tuple[int, int], ...]] = (
 
 
 class MsrVcpu(Protocol):
-    """What ``apply_msrs`` needs of a vCPU: KVM_SET_MSRS returning how many were set."""
+    """What ``apply_msrs`` needs of a vCPU (``nubis.kvm.VcpuFd`` has it)."""
 
-    def set_msrs(self, msrs: list[tuple[int, int]]) -> int:
-        """Set each (index, value) pair; return the number of MSRs KVM set."""
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """KVM_SET_MSRS: write every MSR in ``values``, or raise."""
+        ...
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of ``indices``, or raise."""
         ...
 
 
-def boot_msrs(supported: Iterable[int]) -> list[tuple[int, int]]:
-    """The (index, value) boot MSRs, keeping only those KVM reports in ``supported``."""
+# MSRs whose value reads back differently from what was written: the TSC keeps counting.
+_NOT_READ_BACK: Final = frozenset({MSR_IA32_TSC})
+
+
+def boot_msrs(supported: Iterable[int]) -> dict[int, int]:
+    """The boot MSRs (index to value), keeping only those KVM reports in ``supported``."""
     known = set(supported)
-    return [(index, value) for index, value in BOOT_MSRS if index in known]
+    return {index: value for index, value in BOOT_MSRS if index in known}
 
 
-def apply_msrs(vcpu: MsrVcpu, msrs: list[tuple[int, int]]) -> None:
-    """Set ``msrs`` on ``vcpu`` and raise if KVM set fewer than all of them."""
-    count = vcpu.set_msrs(msrs)
-    if count != len(msrs):
-        failed = msrs[count] if 0 <= count < len(msrs) else None
-        where = f" (it stopped at MSR {failed[0]:#x})" if failed else ""
-        raise RuntimeError(f"KVM set {count} of {len(msrs)} boot MSRs{where}")
+def apply_msrs(vcpu: MsrVcpu, msrs: Mapping[int, int]) -> None:
+    """Set ``msrs`` on ``vcpu`` and check that each one took the value it was given."""
+    vcpu.set_msrs(msrs)
+    check = [index for index in msrs if index not in _NOT_READ_BACK]
+    actual = vcpu.get_msrs(check)
+    for index in check:
+        value = actual.get(index)
+        if value != msrs[index]:
+            shown = "nothing" if value is None else f"{value:#x}"
+            raise RuntimeError(
+                f"MSR {index:#x} reads back as {shown} after nubis set it to {msrs[index]:#x}"
+            )
