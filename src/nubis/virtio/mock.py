@@ -9,10 +9,13 @@ so tests can attack the device side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nubis.virtio.device import ActivatedQueue, InterruptKind, VirtioDevice
 from nubis.virtio.queue import (
     DESC,
     RING_HEADER,
@@ -26,6 +29,7 @@ from nubis.virtio.queue import (
     desc_table_size,
     used_ring_size,
 )
+from nubis.virtio.worker import QueueDevice
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
@@ -207,3 +211,99 @@ class MockSplitQueue:
     def read_buffers(self, buffers: Sequence[tuple[int, int]]) -> bytes:
         """Concatenate the contents of ``buffers`` (address, length pairs)."""
         return b"".join(self.memory.read(addr, length) for addr, length in buffers)
+
+
+class RecordingInterrupt:
+    """A :class:`~nubis.virtio.device.VirtioInterrupt` that records what the device raised."""
+
+    def __init__(self) -> None:
+        """Start with no interrupts recorded."""
+        self.events: list[tuple[InterruptKind, int]] = []
+        self._changed = threading.Condition()
+
+    def trigger(self, kind: InterruptKind, queue_index: int = 0) -> None:
+        """Record one interrupt and wake waiters."""
+        with self._changed:
+            self.events.append((kind, queue_index))
+            self._changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Block until ``predicate()`` holds, rechecking after every interrupt.
+
+        ``timeout`` only guards against a hung test: when it passes, AssertionError is raised.
+        """
+        with self._changed:
+            if not self._changed.wait_for(predicate, timeout):
+                raise AssertionError("the device did not reach the expected state")
+
+
+class MockDriver:
+    """Plays the driver and the transport for one device: queues, notify eventfds, interrupts.
+
+    Queue ``i`` is laid out at ``base + i * stride`` and uses the rest of its stride for data.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        *,
+        base: int = 0,
+        stride: int = 0x40000,
+        event_idx: bool = False,
+        sizes: Sequence[int] | None = None,
+    ) -> None:
+        """Lay out one mock queue per device queue (at the device's maximum size by default)."""
+        self.device = device
+        self.memory = memory
+        self.event_idx = event_idx
+        sizes = list(device.queue_max_sizes if sizes is None else sizes)
+        self.queues = [
+            MockSplitQueue(memory, size, base + i * stride, data_end=base + (i + 1) * stride)
+            for i, size in enumerate(sizes)
+        ]
+        self.device_queues = [mock.create_queue(event_idx=event_idx) for mock in self.queues]
+        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in sizes]
+        self.interrupt = RecordingInterrupt()
+        self.needs_reset = threading.Event()
+
+    def activate(self) -> None:
+        """Accept every offered feature and activate the device with the mock queues."""
+        self.device.ack_features(self.device.avail_features)
+        if isinstance(self.device, QueueDevice):
+            self.device.needs_reset = self._needs_reset
+        self.device.activate(
+            self.memory,
+            self.interrupt,
+            [
+                ActivatedQueue(i, queue, fd)
+                for i, (queue, fd) in enumerate(
+                    zip(self.device_queues, self.notify_fds, strict=True)
+                )
+            ],
+        )
+
+    def _needs_reset(self) -> None:
+        self.needs_reset.set()
+        self.interrupt.trigger(InterruptKind.CONFIG)
+
+    def notify(self, index: int) -> None:
+        """Write queue ``index``'s notify eventfd, as the guest's doorbell write would."""
+        os.eventfd_write(self.notify_fds[index], 1)
+
+    def wait_used(self, index: int, count: int) -> None:
+        """Wait until queue ``index`` has ``count`` used entries not yet taken, or the device
+        reported DEVICE_NEEDS_RESET.
+        """
+        mock = self.queues[index]
+        self.interrupt.wait_until(
+            lambda: (
+                self.needs_reset.is_set() or (mock.used_idx() - mock.used_seen) & 0xFFFF >= count
+            )
+        )
+
+    def close(self) -> None:
+        """Close the notify eventfds."""
+        for fd in self.notify_fds:
+            os.close(fd)
+        self.notify_fds = []
