@@ -263,7 +263,7 @@ class kvm_ioapic_state(ctypes.Structure):
 
 class _kvm_irqchip_union(ctypes.Union):
     _fields_ = (
-        ("dummy", ctypes.c_char * 512),
+        ("dummy", u8 * 512),
         ("pic", kvm_pic_state),
         ("ioapic", kvm_ioapic_state),
     )
@@ -545,7 +545,7 @@ class kvm_cpuid2(ctypes.Structure):
 class kvm_lapic_state(ctypes.Structure):
     """The local APIC's register page (KVM_GET/SET_LAPIC, api.rst 4.57); 1024 bytes."""
 
-    _fields_ = (("regs", ctypes.c_char * KVM_APIC_REG_SIZE),)
+    _fields_ = (("regs", u8 * KVM_APIC_REG_SIZE),)
 
 
 class _kvm_vcpu_events_exception(ctypes.Structure):
@@ -691,14 +691,14 @@ class kvm_run_exit_union(ctypes.Union):
         ("hypercall", kvm_run_hypercall),
         ("internal", kvm_run_internal),
         ("system_event", kvm_run_system_event),
-        ("padding", ctypes.c_char * 256),
+        ("padding", u8 * 256),
     )
 
 
 class kvm_run_sync_union(ctypes.Union):
     """The synced-register area at the end of ``kvm_run``."""
 
-    _fields_ = (("regs", kvm_sync_regs), ("padding", ctypes.c_char * SYNC_REGS_SIZE_BYTES))
+    _fields_ = (("regs", kvm_sync_regs), ("padding", u8 * SYNC_REGS_SIZE_BYTES))
 
 
 class kvm_run(ctypes.Structure):
