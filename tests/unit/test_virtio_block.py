@@ -415,7 +415,12 @@ def test_shutdown_drains_the_queue_and_flushes(
     chain = h.mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 5), payload], [1])
     synced: list[int] = []
     real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
     h.close()
     assert h.mock.take_used() == [(chain.head, 1)]
     assert disk.read_bytes()[5 * 512 : 6 * 512] == payload
