@@ -183,3 +183,11 @@ def test_vendor_and_kvm_round_trip() -> None:
     assert cpuid.vendor(base) == b"AuthenticAMD"
     assert cpuid.vendor([]) == b""
     assert cpuid.from_kvm(cpuid.to_kvm(base)) == base
+
+
+def test_has_mtrr() -> None:
+    base = supported(cpuid.VENDOR_INTEL)
+    assert cpuid.has_mtrr(base)  # leaf 1 EDX 0x1FCBFBFF has bit 12
+    base[1] = CpuidEntry(1, 0, 0, 0, 0, 0, 0x1FCB_FBFF & ~cpuid.EDX_MTRR)
+    assert not cpuid.has_mtrr(base)
+    assert not cpuid.has_mtrr([])

@@ -19,9 +19,14 @@ def test_boot_msrs_values() -> None:
 
 
 def test_boot_msrs_keep_only_supported() -> None:
-    chosen = msr.boot_msrs([0x10, 0x2FF, 0x12345])
-    assert chosen == {0x10: 0, 0x2FF: 0x806}
-    assert msr.boot_msrs([]) == {}
+    assert msr.boot_msrs([0x10, 0x2FF, 0x12345], mtrr=False) == {0x10: 0, 0x2FF: 0x806}
+    assert msr.boot_msrs([0x10, 0x12345], mtrr=False) == {0x10: 0}
+    assert msr.boot_msrs([], mtrr=False) == {}
+
+
+def test_mtrr_default_type_kept_when_cpuid_has_mtrr() -> None:
+    # KVM_GET_MSR_INDEX_LIST leaves the MTRR MSRs out although KVM emulates them.
+    assert msr.boot_msrs([0x10], mtrr=True) == {0x10: 0, 0x2FF: 0x806}
 
 
 class FakeVcpu:
@@ -37,14 +42,14 @@ class FakeVcpu:
 
 
 def test_apply_msrs_sets_and_verifies() -> None:
-    msrs = msr.boot_msrs(index for index, _ in msr.BOOT_MSRS)
+    msrs = msr.boot_msrs((index for index, _ in msr.BOOT_MSRS), mtrr=True)
     vcpu = FakeVcpu()
     msr.apply_msrs(vcpu, msrs)
     assert vcpu.values == msrs
 
 
 def test_apply_msrs_catches_an_ignored_write() -> None:
-    msrs = msr.boot_msrs(index for index, _ in msr.BOOT_MSRS)
+    msrs = msr.boot_msrs((index for index, _ in msr.BOOT_MSRS), mtrr=True)
     with pytest.raises(RuntimeError, match=r"MSR 0x2ff reads back as 0xdead after nubis set it"):
         msr.apply_msrs(FakeVcpu(ignore=0x2FF), msrs)
     msr.apply_msrs(FakeVcpu(ignore=0x10), msrs)  # the TSC is not read back: it keeps counting

@@ -29,13 +29,13 @@ class FakeKvm:
         return cpuid.to_kvm(
             [
                 cpuid.CpuidEntry(0, 0, 0, 0xD, ebx, ecx, edx),
-                cpuid.CpuidEntry(1, 0, 0, 0x906EA, 0x800, 0, 0),
+                cpuid.CpuidEntry(1, 0, 0, 0x906EA, 0x800, 0, cpuid.EDX_MTRR),
                 cpuid.CpuidEntry(0x4000_0000, 0, 0, 0x4000_0001, 0, 0, 0),
             ]
         )
 
     def get_msr_index_list(self) -> list[int]:
-        return [0x10, 0x174, 0x2FF, 0xC000_0082]
+        return [0x10, 0x174, 0xC000_0082]  # like KVM: no MTRR MSRs listed
 
     def check_extension(self, cap: int) -> int:
         return int(cap == Cap.TSC_DEADLINE_TIMER and self.tsc_deadline)

@@ -57,6 +57,7 @@ ECX_EIST: Final = 1 << 7
 ECX_TM2: Final = 1 << 8
 ECX_TSC_DEADLINE: Final = 1 << 24
 ECX_HYPERVISOR: Final = 1 << 31
+EDX_MTRR: Final = 1 << 12
 EDX_ACPI: Final = 1 << 22
 EDX_HTT: Final = 1 << 28
 EDX_TM: Final = 1 << 29
@@ -227,6 +228,12 @@ def vcpu_cpuid(
     if LEAF_KVM_FEATURES not in functions:
         result.append(CpuidEntry(LEAF_KVM_FEATURES, 0, 0, 0, 0, 0, 0))
     return result
+
+
+def has_mtrr(entries: Sequence[CpuidEntry]) -> bool:
+    """Whether leaf 1 reports MTRRs (EDX bit 12)."""
+    leaf = find(entries, LEAF_FEATURES)
+    return leaf is not None and bool(leaf.edx & EDX_MTRR)
 
 
 def find(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> CpuidEntry | None:

@@ -14,7 +14,9 @@ for the architectural MSRs; AMD APM Vol. 2 §6.1.1 for the SYSCALL MSRs):
   §12.11.2.1): with no variable or fixed ranges, all guest RAM is write-back.
 
 KVM sets only the MSRs it knows; ``boot_msrs`` keeps those in ``KVM_GET_MSR_INDEX_LIST``
-(KVM API document §4.3). ``KVM_SET_MSRS`` (§4.19) returns how many it set and stops at the
+(KVM API document §4.3). The MTRR MSRs are the exception: KVM emulates them whenever the vCPU's
+CPUID has the MTRR feature (leaf 1 EDX bit 12) but leaves them out of that list, so
+IA32_MTRR_DEF_TYPE is kept when the caller says the vCPU has MTRRs. ``KVM_SET_MSRS`` (§4.19) returns how many it set and stops at the
 first it refuses; ``VcpuFd.set_msrs`` turns a short count into an error, and ``apply_msrs``
 reads the values back so a silently ignored write is caught too.
 """
@@ -71,9 +73,15 @@ class MsrVcpu(Protocol):
 _NOT_READ_BACK: Final = frozenset({MSR_IA32_TSC})
 
 
-def boot_msrs(supported: Iterable[int]) -> dict[int, int]:
-    """The boot MSRs (index to value), keeping only those KVM reports in ``supported``."""
+def boot_msrs(supported: Iterable[int], *, mtrr: bool) -> dict[int, int]:
+    """The boot MSRs (index to value) KVM can set on a vCPU.
+
+    ``supported`` is ``KVM_GET_MSR_INDEX_LIST``; ``mtrr`` says whether the vCPU's CPUID has
+    the MTRR feature, which is what makes KVM accept IA32_MTRR_DEF_TYPE.
+    """
     known = set(supported)
+    if mtrr:
+        known.add(MSR_MTRR_DEF_TYPE)
     return {index: value for index, value in BOOT_MSRS if index in known}
 
 

@@ -10,9 +10,8 @@ The order follows what KVM requires and what a kernel expects:
 4. The FPU defaults and the LAPIC LINT0/LINT1 delivery modes (``lapic``).
 
 Application processors (``vcpu_id > 0``) get everything except registers: with the in-kernel
-irqchip, KVM leaves them in the wait-for-SIPI state (``KVM_MP_STATE_INIT_RECEIVED``,
-api.rst §4.38) until the guest's INIT-SIPI-SIPI sequence starts them at the trampoline the
-guest chose (Intel SDM Vol. 3A §9.4.4, MultiProcessor Specification 1.4 appendix B.4).
+irqchip, KVM creates them waiting for INIT and SIPI (``KVM_MP_STATE_UNINITIALIZED``, api.rst
+§4.38) until the guest's INIT-SIPI-SIPI sequence starts them at the trampoline the guest chose (Intel SDM Vol. 3A §9.4.4, MultiProcessor Specification 1.4 appendix B.4).
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ class CpuPolicyBase:
 
     def boot_msrs(self) -> dict[int, int]:
         """The boot MSRs KVM can set."""
-        return msr.boot_msrs(self.msr_indices)
+        return msr.boot_msrs(self.msr_indices, mtrr=cpuid.has_mtrr(self.supported_cpuid))
 
 
 def configure_vcpu(
