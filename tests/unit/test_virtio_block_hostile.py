@@ -1,0 +1,189 @@
+"""Property tests: hostile request headers and descriptor tables against virtio-blk."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nubis.memory import GuestMemory
+from nubis.virtio.block import (
+    DISCARD_SEGMENT,
+    REQUEST_HEADER,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    Block,
+)
+from nubis.virtio.mock import MockDriver
+from nubis.virtio.queue import VIRTQ_DESC_F_WRITE
+
+SECTORS = 64
+DISK = bytes(range(256)) * (SECTORS * 2)
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as directory:
+        yield directory
+
+
+def _fresh_disk(directory: str) -> str:
+    path = os.path.join(directory, "disk.img")
+    with open(path, "wb") as f:
+        f.write(DISK)
+    return path
+
+
+kinds = st.one_of(
+    st.sampled_from(
+        [
+            VIRTIO_BLK_T_IN,
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_FLUSH,
+            VIRTIO_BLK_T_GET_ID,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ]
+    ),
+    st.integers(0, 2**32 - 1),
+)
+sectors = st.one_of(
+    st.sampled_from([0, 1, SECTORS - 1, SECTORS, SECTORS + 1, 2**63, 2**64 - 1]),
+    st.integers(0, 2**64 - 1),
+)
+segments = st.lists(
+    st.tuples(sectors, st.integers(0, 2**32 - 1) | st.integers(0, 80), st.integers(0, 3)),
+    max_size=3,
+).map(lambda segs: b"".join(DISCARD_SEGMENT.pack(*s) for s in segs))
+payloads = st.one_of(
+    segments,
+    st.integers(0, 4).map(lambda n: b"\xee" * (512 * n)),
+    st.binary(max_size=40),
+)
+requests = st.tuples(
+    kinds,
+    sectors,
+    payloads,
+    st.lists(st.integers(0, 1100), max_size=3),
+    st.integers(0, 17),  # split the header after this many bytes (16+ means no split)
+    st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.lists(requests, min_size=1, max_size=6), readonly=st.booleans())
+def test_hostile_requests_get_a_status(
+    scratch: str,
+    batch: list[tuple[int, int, bytes, list[int], int, bool]],
+    readonly: bool,
+) -> None:
+    path = _fresh_disk(scratch)
+    with GuestMemory([(0, 0x40000), (0x80000, 0x10000)]) as memory:
+        block = Block(path, readonly=readonly, queue_size=64)
+        driver = MockDriver(block, memory, sizes=[64])
+        mock = driver.queues[0]
+        chains = []
+        for kind, sector, payload, reads, split, indirect in batch:
+            header = REQUEST_HEADER.pack(kind, 0, sector)
+            readable = [header[:split], header[split:], payload]
+            readable = [piece for piece in readable if piece]
+            chains.append(mock.add_chain(readable, [*reads, 1], indirect=indirect))
+        guard = bytes(memory.regions[1].view)
+        driver.activate()
+        block.reset()  # waits for the worker, which handled everything already published
+        assert not driver.needs_reset.is_set()
+        used = mock.take_used()
+        assert [head for head, _ in used] == [chain.head for chain in chains]
+        for chain, (_, length) in zip(chains, used, strict=True):
+            status_addr, _ = chain.writable[-1]
+            status = memory.read(status_addr, 1)[0]
+            assert status in (0, 1, 2)
+            assert 1 <= length <= sum(size for _, size in chain.writable)
+        assert bytes(memory.regions[1].view) == guard
+        block.shutdown()
+        driver.close()
+    assert os.path.getsize(path) == len(DISK)
+    if readonly:
+        with open(path, "rb") as f:
+            assert f.read() == DISK
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    table=st.lists(
+        st.tuples(
+            st.sampled_from([0x20000, 0x20008, 0x3FFF0, 0x40000, 0x80000, 0x8FFF8])
+            | st.integers(0, 0x100000),
+            st.sampled_from([0, 1, 15, 16, 17, 512, 513, 0x10000]) | st.integers(0, 2**32 - 1),
+            st.sampled_from([0, 1, 2, 3, 4, 5, 7]),
+            st.integers(0, 17),
+        ),
+        min_size=16,
+        max_size=16,
+    ),
+    heads=st.lists(st.integers(0, 17), min_size=1, max_size=8),
+    header=st.tuples(
+        st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_GET_ID]), sectors
+    ),
+)
+def test_hostile_tables_touch_only_writable_buffers(
+    scratch: str,
+    table: list[tuple[int, int, int, int]],
+    heads: list[int],
+    header: tuple[int, int],
+) -> None:
+    path = _fresh_disk(scratch)
+    with GuestMemory([(0, 0x40000), (0x80000, 0x10000)]) as memory:
+        block = Block(path, queue_size=16)
+        driver = MockDriver(block, memory, sizes=[16])
+        mock = driver.queues[0]
+        # Plausible request headers wherever a descriptor might point.
+        for addr in (0x20000, 0x20008, 0x80000):
+            memory.write(addr, REQUEST_HEADER.pack(header[0], 0, header[1]))
+        for index, desc in enumerate(table):
+            mock.write_descriptor(index, *desc)
+        for head in heads:
+            mock.publish(head)
+        before = [bytes(region.view) for region in memory.regions]
+        driver.activate()
+        block.reset()
+        after = [bytes(region.view) for region in memory.regions]
+        allowed = [(mock.used_ring, mock.used_ring + 6 + 8 * 16)] + [
+            (addr, addr + length) for addr, length, flags, _ in table if flags & VIRTQ_DESC_F_WRITE
+        ]
+        for region, old, new in zip(memory.regions, before, after, strict=True):
+            if old == new:
+                continue
+            for offset in range(len(old)):
+                if old[offset] != new[offset]:
+                    addr = region.start + offset
+                    assert any(lo <= addr < hi for lo, hi in allowed), hex(addr)
+        assert driver.needs_reset.is_set() or mock.used_idx() == len(heads)
+        block.shutdown()
+        driver.close()
+    assert os.path.getsize(path) == len(DISK)
+
+
+def test_a_valid_request_still_works_after_hostile_ones(scratch: str) -> None:
+    path = _fresh_disk(scratch)
+    with GuestMemory([(0, 0x40000)]) as memory:
+        block = Block(path, queue_size=16)
+        driver = MockDriver(block, memory, sizes=[16])
+        mock = driver.queues[0]
+        mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 2**64 - 1)], [512, 1])
+        ok = mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 1)], [512, 1])
+        driver.activate()
+        driver.wait_used(0, 2)
+        assert memory.read(ok.writable[1][0], 1)[0] == VIRTIO_BLK_S_OK
+        assert memory.read(ok.writable[0][0], 512) == DISK[512:1024]
+        block.shutdown()
+        driver.close()
