@@ -496,3 +496,46 @@ def test_stop_leaves_a_newer_servers_socket_alone(socket_dir: str, vmm: FakeVmm)
 def test_routes_are_unique() -> None:
     keys = [(route.method, route.path) for route in ROUTES]
     assert len(keys) == len(set(keys)) == 12
+
+
+def test_expect_100_continue_is_answered_before_the_body(server: ApiServer, vmm: FakeVmm) -> None:
+    body = json.dumps(CONFIG).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(server.path)
+        sock.sendall(
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        final = sock.recv(65536)
+    assert final.startswith(b"HTTP/1.1 204 ")
+    assert vmm.state is VmState.CREATED
+
+
+def test_expect_100_continue_with_an_oversized_body_gets_413_at_once(
+    socket_dir: str, vmm: FakeVmm
+) -> None:
+    with ApiServer(os.path.join(socket_dir, "api.sock"), vmm, max_body=10) as api:
+        answer = raw_exchange(
+            api,
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_head_answers_carry_no_body(server: ApiServer) -> None:
+    ping = b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n"
+    answer = raw_exchange(server, b"HEAD /api/v1/vmm.ping HTTP/1.1\r\n\r\n" + ping)
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 405 ") and b"Allow: GET" in first
+    assert rest.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_flood_of_blank_lines_is_refused(server: ApiServer) -> None:
+    answer = raw_exchange(server, b"\r\n" * 1000)
+    assert answer.startswith(b"HTTP/1.1 400 ")

@@ -250,8 +250,9 @@ class ApiServer:
             # Wakes a reader waiting for the next request; an answer being written still goes out.
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
-        for _, thread in connections:
-            if thread is not current:
+        in_handler = any(thread is current for _, thread in connections)
+        if not in_handler:  # a handler holds the control lock other connections may wait for
+            for _, thread in connections:
                 thread.join(timeout)
         self._remove_own_socket()
         for sock in (self._listener, self._wake_r, self._wake_w):
@@ -336,6 +337,8 @@ class ApiServer:
             self._serve_requests(conn, stream)
         except OSError as error:  # the client went away or stalled; nothing to answer
             log.debug("API connection ended: %s", error)
+        except Exception:
+            log.exception("an API connection failed inside nubis")
         finally:
             stream.close()
             conn.close()
@@ -343,9 +346,12 @@ class ApiServer:
                 self._connections.pop(conn, None)
 
     def _serve_requests(self, conn: socket.socket, stream: BinaryIO) -> None:
+        def send_continue() -> None:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
         while not self._stopping:
             try:
-                request = read_request(stream, self._max_body)
+                request = read_request(stream, self._max_body, send_continue)
             except ConnectionClosed:
                 return
             except HttpError as error:
@@ -354,7 +360,8 @@ class ApiServer:
                 return
             answer = self.dispatch(request)
             close = not request.keep_alive or self._stopping
-            conn.sendall(answer.encode(close=close, server=SERVER_NAME))
+            head = request.method == "HEAD"
+            conn.sendall(answer.encode(close=close, server=SERVER_NAME, head=head))
             if close:
                 return
 

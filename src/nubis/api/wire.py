@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import BinaryIO
@@ -75,14 +76,20 @@ def _read_line(stream: BinaryIO, what: str) -> bytes:
     return line
 
 
-def read_request(stream: BinaryIO, max_body: int) -> Request:
+def read_request(
+    stream: BinaryIO, max_body: int, send_continue: Callable[[], None] | None = None
+) -> Request:
     """Read one request from ``stream``.
 
-    Raises :class:`ConnectionClosed` if the stream ends before a request starts, and
-    :class:`HttpError` for a request that is malformed, too large, or cut short.
+    ``send_continue`` is called when the client waits for ``100 Continue`` before sending its
+    body (``Expect: 100-continue``, which curl sends for bodies over 1 KiB) and the body is
+    within the limit. Raises :class:`ConnectionClosed` if the stream ends before a request
+    starts, and :class:`HttpError` for a request that is malformed, too large, or cut short.
     """
     line = _read_line(stream, "request")
-    while line in (b"\r\n", b"\n"):  # RFC 9112 section 2.2: ignore empty lines before a request
+    for _ in range(MAX_HEADERS):  # RFC 9112 section 2.2: ignore empty lines before a request
+        if line not in (b"\r\n", b"\n"):
+            break
         line = _read_line(stream, "request")
     if not line:
         raise ConnectionClosed
@@ -99,7 +106,10 @@ def read_request(stream: BinaryIO, max_body: int) -> Request:
         version=version.decode("ascii"),
         headers=headers,
     )
-    request.body = _read_body(stream, headers, max_body)
+    expects_continue = headers.get("expect", "").lower() == "100-continue"
+    request.body = _read_body(
+        stream, headers, max_body, send_continue if expects_continue else None
+    )
     return request
 
 
@@ -146,7 +156,12 @@ def _read_headers(stream: BinaryIO) -> dict[str, str]:
     )
 
 
-def _read_body(stream: BinaryIO, headers: dict[str, str], max_body: int) -> bytes:
+def _read_body(
+    stream: BinaryIO,
+    headers: dict[str, str],
+    max_body: int,
+    send_continue: Callable[[], None] | None,
+) -> bytes:
     coding = headers.get("transfer-encoding")
     if coding is not None:
         if "content-length" in headers:
@@ -158,6 +173,8 @@ def _read_body(stream: BinaryIO, headers: dict[str, str], max_body: int) -> byte
                 HTTPStatus.BAD_REQUEST,
                 f"transfer coding {coding!r} is not supported; use chunked or Content-Length",
             )
+        if send_continue is not None:
+            send_continue()
         return _read_chunked(stream, max_body)
     length_text = headers.get("content-length")
     if length_text is None:
@@ -170,6 +187,8 @@ def _read_body(stream: BinaryIO, headers: dict[str, str], max_body: int) -> byte
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"the request body is {length} bytes; the limit is {max_body}",
         )
+    if send_continue is not None and length:
+        send_continue()
     body = stream.read(length)
     if len(body) != length:
         raise HttpError(HTTPStatus.BAD_REQUEST, "the request ended before its body was complete")
@@ -218,8 +237,8 @@ class Response:
         """An error answer: ``{"error": message}``."""
         return cls(status, json.dumps({"error": message}).encode(), headers)
 
-    def encode(self, *, close: bool, server: str) -> bytes:
-        """The bytes on the wire (RFC 9112 section 4 and 6)."""
+    def encode(self, *, close: bool, server: str, head: bool = False) -> bytes:
+        """The bytes on the wire (RFC 9112 section 4 and 6); ``head`` leaves the body out."""
         lines = [f"HTTP/1.1 {self.status.value} {self.status.phrase}", f"Server: {server}"]
         if self.status is not HTTPStatus.NO_CONTENT:
             lines.append("Content-Type: application/json")
@@ -227,5 +246,5 @@ class Response:
         lines.extend(f"{name}: {value}" for name, value in self.headers)
         if close:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if self.status is HTTPStatus.NO_CONTENT else head + self.body
+        header = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return header if head or self.status is HTTPStatus.NO_CONTENT else header + self.body
