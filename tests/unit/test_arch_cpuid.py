@@ -40,6 +40,10 @@ def supported(vendor: bytes) -> list[CpuidEntry]:
         CpuidEntry(0x8000_0000, 0, 0, 0x8000_0021, 0, 0, 0),
         CpuidEntry(0x8000_0007, 0, 0, 0, 0, 0, 0x0000_07FF),
         CpuidEntry(0x8000_0008, 0, 0, 0x3030, 0, 0x0000_700F, 0),
+        CpuidEntry(0x8000_001D, 0, SIG, 0x0000_4121, 0x01C0_003F, 0x3F, 0),  # L1d, 2 threads
+        CpuidEntry(0x8000_001D, 1, SIG, 0x0000_4143, 0x01C0_003F, 0x3FF, 0),  # L2, 2 threads
+        CpuidEntry(0x8000_001D, 2, SIG, 0x0003_C163, 0x03C0_003F, 0x7FFF, 1),  # L3, 16 threads
+        CpuidEntry(0x8000_001D, 3, SIG, 0, 0, 0, 0),
         CpuidEntry(0x8000_001E, 0, 0, 14, 0x0000_0107, 0x0000_0300, 0),
     ]
 
@@ -191,3 +195,17 @@ def test_has_mtrr() -> None:
     base[1] = CpuidEntry(1, 0, 0, 0, 0, 0, 0x1FCB_FBFF & ~cpuid.EDX_MTRR)
     assert not cpuid.has_mtrr(base)
     assert not cpuid.has_mtrr([])
+
+
+@pytest.mark.parametrize("num_vcpus", [1, 3])
+def test_amd_cache_topology_sharing(num_vcpus: int) -> None:
+    base = supported(cpuid.VENDOR_AMD)
+    out = vcpu_cpuid(base, 0, num_vcpus, tsc_deadline=True)
+    caches = {e.index: e for e in out if e.function == 0x8000_001D}
+    assert [(caches[i].eax >> 14) & 0xFFF for i in (0, 1, 2)] == [0, 0, num_vcpus - 1]
+    for i in (0, 1, 2):
+        original = find(base, 0x8000_001D, i)
+        assert original is not None
+        assert caches[i].eax & 0x3FFF == original.eax & 0x3FFF
+        assert caches[i].eax >> 26 == original.eax >> 26  # no cores field on AMD
+    assert caches[3].eax == 0

@@ -23,6 +23,8 @@ APM Vol. 3 appendix E as the references:
   kept as KVM reports it.
 * 0x80000007 (advanced power management): EDX cleared except bit 8, the invariant TSC.
 * 0x80000008 ECX on AMD: NC[7:0] = cores - 1, ApicIdSize[15:12] = ceil(log2 n).
+* 0x8000001D on AMD (cache topology): EAX[25:14] logical processors sharing the cache - 1, as
+  for leaf 4.
 * 0x8000001E on AMD: extended APIC id, compute-unit id and one thread per unit, node 0.
 
 Everything here is a pure function over `CpuidEntry` lists; ``from_kvm``/``to_kvm`` convert
@@ -49,6 +51,7 @@ LEAF_HYPERVISOR_SIGNATURE: Final = 0x4000_0000
 LEAF_KVM_FEATURES: Final = 0x4000_0001
 LEAF_ADVANCED_POWER_MANAGEMENT: Final = 0x8000_0007
 LEAF_ADDRESS_SIZES: Final = 0x8000_0008
+LEAF_AMD_CACHE_TOPOLOGY: Final = 0x8000_001D
 LEAF_AMD_TOPOLOGY: Final = 0x8000_001E
 
 # Leaf 1.
@@ -162,12 +165,14 @@ def _adjust(
         edx = e.edx & ~(EDX_ACPI | EDX_TM)
         edx = edx | EDX_HTT if num_vcpus > 1 else edx & ~EDX_HTT
         return replace(e, ebx=ebx, ecx=ecx, edx=edx)
-    if f == LEAF_CACHE_PARAMETERS:
+    if f == LEAF_CACHE_PARAMETERS or (f == LEAF_AMD_CACHE_TOPOLOGY and amd):
         if e.eax & 0x1F == 0:  # cache type 0: no more caches
             return e
         level = (e.eax >> 5) & 0x7
         sharing = 1 if level < 3 else num_vcpus
-        eax = (e.eax & 0x3FFF) | (min(sharing, 0x1000) - 1) << 14 | (min(num_vcpus, 0x40) - 1) << 26
+        eax = (e.eax & ~(0xFFF << 14)) | (min(sharing, 0x1000) - 1) << 14
+        if f == LEAF_CACHE_PARAMETERS:
+            eax = (eax & 0x03FF_FFFF) | (min(num_vcpus, 0x40) - 1) << 26
         return replace(e, eax=eax)
     if f == LEAF_POWER_MANAGEMENT:
         return replace(e, eax=e.eax & EAX_ARAT, ebx=0, ecx=0, edx=0)
