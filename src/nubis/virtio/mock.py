@@ -29,7 +29,6 @@ from nubis.virtio.queue import (
     desc_table_size,
     used_ring_size,
 )
-from nubis.virtio.worker import QueueDevice
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
@@ -219,6 +218,7 @@ class RecordingInterrupt:
     def __init__(self) -> None:
         """Start with no interrupts recorded."""
         self.events: list[tuple[InterruptKind, int]] = []
+        self.needs_reset = threading.Event()
         self._changed = threading.Condition()
 
     def trigger(self, kind: InterruptKind, queue_index: int = 0) -> None:
@@ -226,6 +226,11 @@ class RecordingInterrupt:
         with self._changed:
             self.events.append((kind, queue_index))
             self._changed.notify_all()
+
+    def set_needs_reset(self) -> None:
+        """Record DEVICE_NEEDS_RESET and the config interrupt that announces it (2.1.2)."""
+        self.needs_reset.set()
+        self.trigger(InterruptKind.CONFIG)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Block until ``predicate()`` holds, rechecking after every interrupt.
@@ -265,13 +270,11 @@ class MockDriver:
         self.device_queues = [mock.create_queue(event_idx=event_idx) for mock in self.queues]
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in sizes]
         self.interrupt = RecordingInterrupt()
-        self.needs_reset = threading.Event()
+        self.needs_reset = self.interrupt.needs_reset
 
     def activate(self) -> None:
         """Accept every offered feature and activate the device with the mock queues."""
         self.device.ack_features(self.device.avail_features)
-        if isinstance(self.device, QueueDevice):
-            self.device.needs_reset = self._needs_reset
         self.device.activate(
             self.memory,
             self.interrupt,
@@ -282,10 +285,6 @@ class MockDriver:
                 )
             ],
         )
-
-    def _needs_reset(self) -> None:
-        self.needs_reset.set()
-        self.interrupt.trigger(InterruptKind.CONFIG)
 
     def notify(self, index: int) -> None:
         """Write queue ``index``'s notify eventfd, as the guest's doorbell write would."""

@@ -9,8 +9,9 @@ queue. A stop eventfd ends the thread; the request being processed always finish
 pop/complete/notify loop with notification suppression (2.7.10), interrupts through the
 transport's :class:`~nubis.virtio.device.VirtioInterrupt`, and failure handling. When the driver
 breaks the queue rules (a :class:`~nubis.virtio.queue.QueueError`) or the backend fails
-unexpectedly, the device logs once, stops processing and reports DEVICE_NEEDS_RESET through its
-``needs_reset`` callback (2.1.2); nubis itself keeps running.
+unexpectedly, the device logs once, stops processing and reports DEVICE_NEEDS_RESET through the
+``set_needs_reset()`` method of the interrupt object the transport passed at activation (2.1.2);
+nubis itself keeps running.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ class QueueDevice:
         self.name = name
         self._queue_max_sizes = tuple(queue_max_sizes)
         self.acked_features = 0
-        self.needs_reset: Callable[[], None] | None = None
         self.memory: GuestMemory | None = None
         self.interrupt: VirtioInterrupt | None = None
         self.queues: tuple[ActivatedQueue, ...] = ()
@@ -268,7 +268,8 @@ class QueueDevice:
             )
         else:
             _log.error("%s: the device failed; it needs a reset", self.name, exc_info=exc)
-        callback = self.needs_reset
+        # The transport's interrupt object sets the status bit and raises the config interrupt.
+        callback = getattr(self.interrupt, "set_needs_reset", None)
         if callback is not None:
             try:
                 callback()
