@@ -1,0 +1,5 @@
+"""``python -m nubis`` runs the ``nubis`` command."""
+
+from nubis.cli import main
+
+raise SystemExit(main())
