@@ -130,13 +130,19 @@ def build_boot_images(
     modules: Sequence[str],
     optional_modules: Sequence[str],
     init: bytes,
+    with_vmlinux: bool = True,
 ) -> tuple[KernelImages, InitramfsImage]:
-    """Build a kernel and a matching initramfs with the given modules and init program."""
+    """Build a kernel and a matching initramfs with the given modules and init program.
+
+    ``with_vmlinux`` false skips extracting the ELF vmlinux (for kernels only booted as bzImage).
+    """
     apt = Apt(cache)
     kernel_package = apt.resolve_metapackage(kernel_metapackage, "linux-image-")
     spec = userland_spec(apt, kernel_package, modules, optional_modules, init)
     with Workspace(cache, apt) as workspace:
-        kernel = build_kernel(cache, apt, kernel_package, lambda: workspace.tree(kernel_package))
+        kernel = build_kernel(
+            cache, apt, kernel_package, lambda: workspace.tree(kernel_package), with_vmlinux
+        )
         initramfs = build_initramfs(cache, workspace, spec)
     return kernel, initramfs
 

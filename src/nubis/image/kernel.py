@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 KERNEL_FORMAT = 1
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"  # 0x184C2102 little-endian
+XZ_MAGIC = b"\xfd7zXZ\x00"
+#: Decompressors for the payload formats Debian's kernels use, by magic.
+_DECOMPRESSORS = ((LZ4_LEGACY_MAGIC, ["lz4", "-dc"]), (XZ_MAGIC, ["xz", "-dc", "--single-stream"]))
 _HDRS_MAGIC = b"HdrS"
 _OFF_SETUP_SECTS = 0x1F1
 _OFF_HEADER = 0x202
@@ -51,7 +54,7 @@ class KernelImages:
 
 
 def find_payload(bzimage: bytes) -> bytes:
-    """Return the LZ4 legacy stream inside a bzImage (without the size trailer)."""
+    """Return the compressed kernel inside a bzImage (without the size trailer)."""
     if len(bzimage) < 0x250 or bzimage[_OFF_HEADER : _OFF_HEADER + 4] != _HDRS_MAGIC:
         raise ImageError("The kernel is not a bzImage (no HdrS boot header).")
     (version,) = struct.unpack_from("<H", bzimage, _OFF_VERSION)
@@ -63,18 +66,19 @@ def find_payload(bzimage: bytes) -> bytes:
     payload_offset, payload_length = struct.unpack_from("<II", bzimage, _OFF_PAYLOAD)
     start = (setup_sects + 1) * 512 + payload_offset
     payload = bzimage[start : start + payload_length]
-    if payload[:4] != LZ4_LEGACY_MAGIC:
-        found = bzimage.find(LZ4_LEGACY_MAGIC)
-        if found < 0:
-            raise ImageError("The bzImage's payload is not LZ4-compressed (no 0x184C2102 magic).")
-        payload = bzimage[found:]
-        return payload
-    return payload[:-4]
+    if any(payload.startswith(magic) for magic, _ in _DECOMPRESSORS):
+        return payload[:-4]
+    found = bzimage.find(LZ4_LEGACY_MAGIC)
+    if found < 0:
+        raise ImageError("The bzImage's payload is neither LZ4 (0x184C2102) nor XZ compressed.")
+    return bzimage[found:]
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:
     """Decompress the ELF vmlinux out of a bzImage and check it can boot by PVH."""
-    vmlinux = run_tool(["lz4", "-dc"], input=find_payload(bzimage), what="Decompressing vmlinux")
+    payload = find_payload(bzimage)
+    argv = next(cmd for magic, cmd in _DECOMPRESSORS if payload.startswith(magic))
+    vmlinux = run_tool(argv, input=payload, what="Decompressing vmlinux")
     elf.pvh_entry(vmlinux)
     return vmlinux
 
@@ -87,19 +91,27 @@ def kernel_release(tree: Path) -> str:
     return releases[0]
 
 
-def kernel_key(package: DebPackage) -> str:
+def kernel_key(package: DebPackage, with_vmlinux: bool = True) -> str:
     """Return the cache key of the kernel artifacts of a linux-image package."""
-    return content_key({"format": KERNEL_FORMAT, "package": package_key([package])})
+    return content_key(
+        {"format": KERNEL_FORMAT, "package": package_key([package]), "vmlinux": with_vmlinux}
+    )
 
 
 def build_kernel(
-    cache: Cache, apt: Apt, package: DebPackage, unpack: Callable[[], Path] | None = None
+    cache: Cache,
+    apt: Apt,
+    package: DebPackage,
+    unpack: Callable[[], Path] | None = None,
+    with_vmlinux: bool = True,
 ) -> KernelImages:
     """Return the bzImage and vmlinux of a linux-image package, building them if not cached.
 
-    ``unpack`` returns the package's unpacked tree, if the caller can share one.
+    ``unpack`` returns the package's unpacked tree, if the caller can share one. With
+    ``with_vmlinux`` false only the bzImage is kept (its vmlinux path is then absent and its
+    checksum empty), for kernels that are never booted by PVH.
     """
-    key = kernel_key(package)
+    key = kernel_key(package, with_vmlinux)
     manifest = cache.load("kernel", key)
     if manifest is None:
         with cache.building("kernel", key) as out:
@@ -113,9 +125,12 @@ def build_kernel(
             release = kernel_release(tree)
             vmlinuz = tree / "boot" / f"vmlinuz-{release}"
             bz = vmlinuz.read_bytes()
-            vmlinux = extract_vmlinux(bz)
             shutil.copyfile(vmlinuz, out / "bzImage")
-            (out / "vmlinux").write_bytes(vmlinux)
+            entry = 0
+            if with_vmlinux:
+                vmlinux = extract_vmlinux(bz)
+                (out / "vmlinux").write_bytes(vmlinux)
+                entry = elf.pvh_entry(vmlinux)
             config = tree / "boot" / f"config-{release}"
             if config.exists():
                 shutil.copyfile(config, out / "config")
@@ -129,8 +144,8 @@ def build_kernel(
                     "package_sha256": package.sha256,
                     "release": release,
                     "bzImage_sha256": sha256_file(out / "bzImage"),
-                    "vmlinux_sha256": sha256_file(out / "vmlinux"),
-                    "pvh_entry": elf.pvh_entry(vmlinux),
+                    "vmlinux_sha256": sha256_file(out / "vmlinux") if with_vmlinux else "",
+                    "pvh_entry": entry,
                 },
             )
         manifest = cache.load("kernel", key)

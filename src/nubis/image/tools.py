@@ -19,6 +19,7 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "apt-cache": "apt",
     "dpkg-deb": "dpkg",
     "lz4": "lz4",
+    "xz": "xz-utils",
     "depmod": "kmod",
     "mke2fs": "e2fsprogs",
     "qemu-system-x86_64": "qemu-system-x86",
