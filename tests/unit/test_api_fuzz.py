@@ -90,16 +90,11 @@ class _Fixture:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-_live: list[_Fixture] = []
-
-
 @pytest.fixture(scope="module")
 def live() -> Iterator[_Fixture]:
     fixture = _Fixture()
     fixture.server.start()
-    _live.append(fixture)
     yield fixture
-    _live.remove(fixture)
     # The server survived every generated request.
     assert ApiClient(fixture.server.path).request("GET", "vmm.ping").status == 200
     fixture.close()

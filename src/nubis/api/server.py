@@ -262,10 +262,12 @@ class ApiServer:
         log.info("REST API on %s stopped", self.path)
 
     def __enter__(self) -> ApiServer:
+        """Start the server for a ``with`` block."""
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop the server at the end of a ``with`` block."""
         self.stop()
 
     def _remove_stale_socket(self) -> None:
