@@ -249,7 +249,7 @@ class PciConfigIo:
         with self._lock:
             address = self._address
             if offset < CONFIG_IO_DATA_OFFSET:
-                if offset + size <= CONFIG_IO_DATA_OFFSET:
+                if offset >= 0 and offset + size <= CONFIG_IO_DATA_OFFSET:
                     data[:] = address.to_bytes(4, "little")[offset : offset + size]
                 else:
                     data[:] = b"\xff" * size
