@@ -8,7 +8,16 @@ import os
 import pytest
 from kvm_guest import TinyVm
 
-from nubis.kvm import Cap, IrqchipRoute, Kvm, KvmError, KvmUnsupportedError, MpState, MsiRoute
+from nubis.kvm import (
+    Cap,
+    IrqchipRoute,
+    IrqRoute,
+    Kvm,
+    KvmError,
+    KvmUnsupportedError,
+    MpState,
+    MsiRoute,
+)
 from nubis.kvm import bindings as b
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(30)]
@@ -141,7 +150,7 @@ def test_irqchip_pit_and_clock_round_trip(tiny_vm_irqchip: TinyVm) -> None:
 
 def test_gsi_routing_and_msi(tiny_vm_irqchip: TinyVm) -> None:
     vm = tiny_vm_irqchip.vm
-    routes = [IrqchipRoute(gsi, b.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(24)]
+    routes: list[IrqRoute] = [IrqchipRoute(gsi, b.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(24)]
     routes.append(MsiRoute(24, 0xFEE0_0000, 0x41))
     vm.set_gsi_routing(routes)
     irq_fd = os.eventfd(0, os.EFD_CLOEXEC)

@@ -202,7 +202,7 @@ def test_variable_length_buffers() -> None:
     assert ctypes.sizeof(b.cpuid_buffer(2)) == 8 + 2 * 40
     assert ctypes.sizeof(b.msr_list_buffer(5)) == 4 + 5 * 4
     assert ctypes.sizeof(b.irq_routing_buffer(4)) == 8 + 4 * 48
-    assert b.irq_routing_buffer(1).entries.offset == 8  # type: ignore[attr-defined]
+    assert b.irq_routing_buffer(1).entries.offset == 8
 
 
 def test_ioc_rejects_oversized_argument() -> None:
@@ -211,10 +211,10 @@ def test_ioc_rejects_oversized_argument() -> None:
 
 
 def test_exit_reason_values() -> None:
-    assert b.ExitReason.IO == 2
-    assert b.ExitReason.MMIO == 6
-    assert b.ExitReason.SHUTDOWN == 8
-    assert b.ExitReason.INTERNAL_ERROR == 17
-    assert b.ExitReason.SYSTEM_EVENT == 24
-    assert b.Cap.IMMEDIATE_EXIT == 136
-    assert b.Cap.READONLY_MEM == 81
+    assert int(b.ExitReason.IO) == 2
+    assert int(b.ExitReason.MMIO) == 6
+    assert int(b.ExitReason.SHUTDOWN) == 8
+    assert int(b.ExitReason.INTERNAL_ERROR) == 17
+    assert int(b.ExitReason.SYSTEM_EVENT) == 24
+    assert int(b.Cap.IMMEDIATE_EXIT) == 136
+    assert int(b.Cap.READONLY_MEM) == 81
