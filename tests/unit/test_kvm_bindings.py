@@ -218,3 +218,20 @@ def test_exit_reason_values() -> None:
     assert int(b.ExitReason.SYSTEM_EVENT) == 24
     assert int(b.Cap.IMMEDIATE_EXIT) == 136
     assert int(b.Cap.READONLY_MEM) == 81
+
+
+def test_run_decoder_reads_exit_reason_and_io_from_the_kernel_offsets() -> None:
+    from nubis.kvm.vcpu import _REASON_AND_IO
+
+    run = b.kvm_run()
+    run.exit_reason = b.ExitReason.IO
+    run.u.io.direction, run.u.io.size, run.u.io.port = 1, 2, 0x3F8
+    run.u.io.count, run.u.io.data_offset = 3, 4096
+    assert _REASON_AND_IO.unpack_from(bytes(run), b.kvm_run.exit_reason.offset) == (
+        2,
+        1,
+        2,
+        0x3F8,
+        3,
+        4096,
+    )

@@ -52,9 +52,10 @@ _RUN_EXIT_REASON: Final = b.kvm_run.exit_reason.offset
 _RUN_UNION: Final = b.kvm_run.u.offset
 _MMIO_DATA: Final = _RUN_UNION + b.kvm_run_mmio.data.offset
 
-_EXIT_REASON = struct.Struct("<I")
-# kvm_run.io: direction u8, size u8, port u16, count u32, data_offset u64.
-_IO = struct.Struct("<BBHIQ")
+# exit_reason, then (past flags, cr8 and apic_base) kvm_run.io: direction u8, size u8,
+# port u16, count u32, data_offset u64. One unpack serves the most common exit; for the others
+# the io fields are meaningless and ignored.
+_REASON_AND_IO = struct.Struct(f"<I{_RUN_UNION - _RUN_EXIT_REASON - 4}xBBHIQ")
 # kvm_run.mmio: phys_addr u64, data u8[8], len u32, is_write u8.
 _MMIO = struct.Struct("<Q8xIB")
 # kvm_run.internal and kvm_run.system_event: a u32 code, u32 ndata, then up to 16 u64 words.
@@ -164,9 +165,10 @@ class VcpuFd:
                 return self._interrupted
             raise KvmError("KVM_RUN", exc.errno or errno.EINVAL, f"vCPU {self.id}") from None
         run_map = self._run_map
-        reason: int = _EXIT_REASON.unpack_from(run_map, _RUN_EXIT_REASON)[0]
+        reason, direction, size, port, count, offset = _REASON_AND_IO.unpack_from(
+            run_map, _RUN_EXIT_REASON
+        )
         if reason == _KVM_EXIT_IO:
-            direction, size, port, count, offset = _IO.unpack_from(run_map, _RUN_UNION)
             io_exit = self._io_out if direction else self._io_in
             io_exit.port = port
             io_exit.size = size
