@@ -35,34 +35,66 @@ class NullOutput:
 
 
 class FdOutput:
-    """A console output writing straight to a file descriptor, unbuffered."""
+    """A console output writing to a file descriptor from its own thread.
+
+    ``write`` only appends to a buffer and wakes the writer thread, so a vCPU thread that
+    emits a console byte never waits for the terminal, a pipe or a slow file system; bytes
+    written close together leave in one ``os.write``. ``close`` drains what is buffered.
+    """
 
     def __init__(self, fd: int, *, owned: bool) -> None:
         self._fd = fd
         self._owned = owned
+        self._buffer = bytearray()
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="console-output", daemon=True)
+        self._thread.start()
 
     def write(self, data: bytes, /) -> int:
-        """Write all of ``data``; a closed or broken output drops it rather than stopping the VM."""
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except BlockingIOError:
-            select.select([], [self._fd], [], 1.0)
-            return self.write(bytes(view))
-        except OSError as error:
-            _log.debug("console output dropped: %s", error)
+        """Queue ``data`` for output."""
+        with self._cond:
+            if not self._buffer:
+                self._cond.notify()
+            self._buffer += data
         return len(data)
 
     def flush(self) -> None:
-        """Writes are unbuffered."""
+        """Output leaves as soon as the writer thread runs; nothing to force."""
 
     def close(self) -> None:
-        """Close the file if this object opened it."""
+        """Write out what is buffered, stop the thread, close the file if this object opened it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=5.0)
         if self._owned:
             os.close(self._fd)
             self._owned = False
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closing:
+                    self._cond.wait()
+                if not self._buffer:
+                    return
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
+            self._write_all(chunk)
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except BlockingIOError:
+                select.select([], [self._fd], [], 1.0)
+                continue
+            except OSError as error:  # a closed terminal or pipe: drop output, keep the VM
+                _log.debug("console output dropped: %s", error)
+                return
+            view = view[written:]
 
 
 def open_output(config: ConsoleConfig) -> NullOutput | FdOutput | None:
