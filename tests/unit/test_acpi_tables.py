@@ -129,7 +129,7 @@ def test_madt_entries(vcpus: int) -> None:
 
 def test_madt_rejects_bad_vcpu_counts() -> None:
     for vcpus in (0, 256):
-        with pytest.raises(ValueError, match="1 to 255 vCPUs"):
+        with pytest.raises(AcpiError, match="1 to 255 vCPUs"):
             build_madt(vcpus)
         with pytest.raises(AcpiError, match="1 to 255 vCPUs"):
             AcpiConfig.for_guest(vcpus, 512 * MiB)
@@ -286,5 +286,5 @@ def test_config_checks_the_window() -> None:
         AcpiConfig(num_vcpus=1, mem64_start=0xC000_0000, mem64_size=GiB)
     with pytest.raises(AcpiError, match="non-empty"):
         AcpiConfig(num_vcpus=1, mem64_start=1 << 32, mem64_size=0)
-    with pytest.raises(ValueError, match="not 32-bit"):
+    with pytest.raises(AcpiError, match="not 32-bit"):
         GedConfig(mmio_address=1 << 32, gsi=5)

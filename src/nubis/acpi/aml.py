@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
+from nubis.acpi.errors import AcpiError
+
 __all__ = [
     "ONE",
     "ONES",
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 
-class AmlError(ValueError):
+class AmlError(AcpiError):
     """A value that cannot be encoded as AML (bad name, integer out of range, ...)."""
 
 

@@ -52,6 +52,7 @@ from nubis.acpi.aml import (
     hid,
     uid,
 )
+from nubis.acpi.errors import AcpiError
 from nubis.acpi.sdt import finish_table, new_header
 from nubis.arch.x86_64 import layout
 
@@ -83,9 +84,9 @@ class GedConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmio_address < layout.FIRST_ADDR_PAST_32BITS:
-            raise ValueError(f"GED register address {self.mmio_address:#x} is not 32-bit")
+            raise AcpiError(f"GED register address {self.mmio_address:#x} is not 32-bit")
         if not 0 <= self.gsi < 1 << 32:
-            raise ValueError(f"GED interrupt {self.gsi} is not a valid GSI")
+            raise AcpiError(f"GED interrupt {self.gsi} is not a valid GSI")
 
 
 def _com1() -> Device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Final
 
+from nubis.acpi.errors import AcpiError
 from nubis.acpi.sdt import SdtHeader, finish_table, new_header
 from nubis.arch.x86_64 import layout
 
@@ -110,7 +111,7 @@ class MadtLocalApicNmi(ctypes.LittleEndianStructure):
 def build_madt(num_vcpus: int) -> bytes:
     """The MADT for ``num_vcpus`` vCPUs (1 to 255)."""
     if not 1 <= num_vcpus <= MAX_VCPUS:
-        raise ValueError(f"the MADT describes 1 to {MAX_VCPUS} vCPUs, not {num_vcpus}")
+        raise AcpiError(f"the MADT describes 1 to {MAX_VCPUS} vCPUs, not {num_vcpus}")
     parts: list[ctypes.Structure] = [
         MadtFixed(
             header=new_header(b"APIC", MADT_REVISION),

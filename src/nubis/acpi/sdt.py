@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 from typing import Final
 
+from nubis.acpi.errors import AcpiError
+
 __all__ = [
     "CREATOR_ID",
     "CREATOR_REVISION",
@@ -59,9 +61,9 @@ def checksum(data: bytes | bytearray) -> int:
 def new_header(signature: bytes, revision: int, oem_table_id: bytes = OEM_TABLE_ID) -> SdtHeader:
     """A header with nubis's OEM and creator identity; length and checksum come later."""
     if len(signature) != 4:
-        raise ValueError(f"ACPI table signature {signature!r} is not 4 bytes long")
+        raise AcpiError(f"ACPI table signature {signature!r} is not 4 bytes long")
     if len(oem_table_id) != 8:
-        raise ValueError(f"ACPI OEM table id {oem_table_id!r} is not 8 bytes long")
+        raise AcpiError(f"ACPI OEM table id {oem_table_id!r} is not 8 bytes long")
     return SdtHeader(
         signature=signature,
         revision=revision,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from nubis.acpi.dsdt import GedConfig, build_dsdt
+from nubis.acpi.errors import AcpiError
 from nubis.acpi.fadt import build_fadt
 from nubis.acpi.madt import MAX_VCPUS, build_madt
 from nubis.acpi.mcfg import build_mcfg
@@ -23,10 +24,6 @@ from nubis.memory import GuestMemory, GuestMemoryError
 __all__ = ["TABLE_ALIGNMENT", "AcpiConfig", "AcpiError", "create_acpi_tables"]
 
 TABLE_ALIGNMENT: Final = 16
-
-
-class AcpiError(ValueError):
-    """ACPI tables that cannot be built or placed for this VM configuration."""
 
 
 @dataclass(frozen=True)
