@@ -90,8 +90,8 @@ def test_type0_header_layout_matches_the_spec_offsets() -> None:
     for code, name in zip(codes, names, strict=True):
         assert struct.calcsize(prefix) == PciHeaderOffset[name], name
         prefix += code
-    assert PciHeaderOffset.INTERRUPT_LINE == 0x3C
-    assert PciHeaderOffset.INTERRUPT_PIN == 0x3D
+    assert int(PciHeaderOffset.INTERRUPT_LINE) == 0x3C
+    assert int(PciHeaderOffset.INTERRUPT_PIN) == 0x3D
 
 
 def test_ids_and_class_read_back() -> None:
