@@ -186,3 +186,16 @@ def test_kernel_directory_and_unreadable(
 ) -> None:
     assert main(["--kernel", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"payload": {"kernel": "k"}, "net": [{"mac": "12:34:56:78:9a:bc\n"}]},
+        {"payload": {"kernel": "k", "cmdline": "\ud800"}},
+        {"payload": {"kernel": "k"}, "disks": [{"path": "d", "serial": "\udcff"}]},
+    ],
+)
+def test_trailing_newlines_and_lone_surrogates_are_config_errors(raw: object) -> None:
+    with pytest.raises(ConfigError):
+        VmConfig.from_dict(raw)

@@ -60,6 +60,14 @@ class VirtioInterrupt(Protocol):
         """Signal the driver that queue ``queue_index`` has used buffers, or the config changed."""
         ...
 
+    def set_needs_reset(self) -> None:
+        """Set DEVICE_NEEDS_RESET in the device status and tell the driver (a config interrupt).
+
+        A device calls this when the driver broke the queue rules; it then stops processing
+        until the driver resets it.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class ActivatedQueue:

@@ -168,7 +168,7 @@ class NetConfig:
                     raise ConfigError(f"net.{name} {value!r} is not an IPv4 address") from None
         for name in ("mac", "host_mac"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not _MAC_RE.match(value)):
+            if value is not None and (not isinstance(value, str) or not _MAC_RE.fullmatch(value)):
                 raise ConfigError(
                     f"net.{name} {value!r} is not a MAC address like 12:34:56:78:9a:bc"
                 )
@@ -324,6 +324,10 @@ def _check_bool(name: str, value: object) -> None:
 def _check_str(name: str, value: object, *, allow_empty: bool = True) -> None:
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, not {value!r}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} is not valid Unicode") from None
     if not allow_empty and not value:
         raise ConfigError(f"{name} must not be empty")
 
