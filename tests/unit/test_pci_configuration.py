@@ -196,10 +196,17 @@ def test_64bit_prefetchable_bar_sizing_and_move() -> None:
     assert read(config, high, 4) == 0xFFFF_FFFF
     assert write(config, low, 0x0000_000C) is None
     assert write(config, high, 1) is None
-    # Relocation: the low half alone does not move, the high half commits the pair.
-    assert write(config, low, 0x0001_0000) is None
-    move = write(config, high, 2)
+    # Relocation half by half: each half asks for a move from where the BAR decodes.
+    move = write(config, low, 0x0001_000C)
+    assert move == BarReprogramming(0, 0x1_0000_0000, 0x1_0001_0000, 0x8000, BarKind.MEMORY64)
+    move = write(config, high, 2)  # the first move was not committed (say it was refused)
     assert move == BarReprogramming(0, 0x1_0000_0000, 0x2_0001_0000, 0x8000, BarKind.MEMORY64)
+    config.move_bar(0x1_0000_0000, 0x2_0001_0000)
+    # Upper half first works too.
+    assert write(config, high, 3) is not None
+    config.move_bar(0x2_0001_0000, 0x3_0001_0000)
+    move = write(config, low, 0x0002_0000)
+    assert move == BarReprogramming(0, 0x3_0001_0000, 0x3_0002_0000, 0x8000, BarKind.MEMORY64)
 
 
 def test_large_64bit_bar_has_no_writable_low_address_bits() -> None:

@@ -279,3 +279,23 @@ def test_fuzzed_config_accesses_never_raise(ops: list[tuple[str, bool, int, int,
         assert found.base == bar.address and found.length == bar.size
     assert ecam_read(ecam, ecam_offset(0, 1, 0, 0), 4) == 0x5678_1234
     assert ecam_read(ecam, ecam_offset(0, 0, 0, 0), 4) == 0xFFF0_8086
+
+
+def test_64bit_bar_moved_half_by_half_ends_where_the_guest_wanted() -> None:
+    mmio = Bus("mmio")
+    mapper = PciMmioMapper(mmio, PciBarAllocator.for_ram_size(GiB))
+    pci_bus = PciBus(mapper)
+    device = BarDevice()
+    slot = pci_bus.add_device(device)
+    mapper.map_device(device)
+    io = PciConfigIo(pci_bus)
+    old = device.config.bar(2).address
+    new = old + (1 << 32) + 0x8000
+    # Lower half first (Linux's order); the intermediate address is a legal place too.
+    io_write(io, cf8_address(0, slot, 0, 0x18), 4, (new & 0xFFFF_FFFF) | 0x4, 4)
+    io_write(io, cf8_address(0, slot, 0, 0x1C), 4, new >> 32, 4)
+    assert device.config.bar(2).address == new
+    assert [m[1] for m in device.moves] == [(old & ~0xFFFF_FFFF) | (new & 0xFFFF_FFFF), new]
+    found = mmio.find(new)
+    assert found is not None and found.device is device and found.length == 0x4000
+    assert mmio.find(old) is None

@@ -365,9 +365,10 @@ class PciConfiguration:
     def write(self, offset: int, data: memoryview) -> BarReprogramming | None:
         """Apply a driver write through the writable masks; invalid accesses are dropped.
 
-        Returns the BAR move the write asks for, if any. A 32-bit BAR moves when its register
-        is written; a 64-bit BAR moves when its upper half is written (drivers write the lower
-        half first). Writing all ones to size a BAR never moves it.
+        Returns the BAR move the write asks for, if any: a write to either half of a BAR that
+        changes its address asks for a move, so a 64-bit BAR written half by half moves twice
+        (the intermediate move is checked like any other, and a refused one changes nothing).
+        While any half of a BAR holds all ones the driver is sizing it and it never moves.
         """
         size = len(data)
         if not self.access_is_valid(offset, size):
@@ -392,8 +393,6 @@ class PciConfiguration:
                 return None
             bar = self._bars[upper_of]
             assert bar is not None
-        elif bar.kind is BarKind.MEMORY64:
-            return None  # lower half: wait for the upper half
         if self._bar_is_sizing(bar):
             return None
         new_address = self._bar_register_address(bar)
