@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from nubis.image.cache import Cache
 from nubis.image.debian import Apt, DebPackage
@@ -81,6 +82,10 @@ class GuestImages:
     def rootfs(self) -> Path:
         """The ext4 root disk (boot with the initramfs and ``root=/dev/vda``)."""
         return self.rootfs_image.path
+
+    def cmdline(self, command: str | None = None, **options: Any) -> str:
+        """Return a kernel command line running ``command``; options as for `guest_cmdline`."""
+        return guest_cmdline(command, **options)
 
     def manifest(self) -> dict[str, object]:
         """Return a JSON-ready description of every image with its SHA-256."""

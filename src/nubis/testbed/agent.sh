@@ -31,6 +31,7 @@ if [ "$1" = "--run-job" ]; then
     # Runs one job; this process leads its own session (started through setsid).
     d=$2
     t=$(cat "$d/timeout")
+    exec 2>/dev/null
     setsid chroot /host /bin/sh "${d#/host}/cmd.sh" >"$d/output" 2>&1 </dev/null &
     job=$!
     (
@@ -43,6 +44,7 @@ if [ "$1" = "--run-job" ]; then
     status=$?
     kill -9 "$watchdog" 2>/dev/null
     kill -9 -- "-$job" 2>/dev/null
+    wait 2>/dev/null
     echo "$status" >"$d/status.tmp"
     mv "$d/status.tmp" "$d/status"
     exit 0

@@ -1,0 +1,195 @@
+"""Fixtures for nubis's end-to-end tests: real Linux guests booted where a real /dev/kvm exists.
+
+On this project's machines /dev/kvm is PVM, so e2e tests run their commands in the nested test
+host (an L1 Linux under QEMU TCG with emulated SVM, see PLATFORM.md); on a VMX/SVM machine they
+run directly. L1 sees this machine's file system read-only at the same paths (so ``sys.executable``
+and the repository work there), a fresh tmpfs on /tmp, and the testbed's work directory writable
+at its own path. Put everything a guest writes (serial logs, disks) under `e2e_dir`.
+
+Fixtures
+--------
+``testbed`` (session)
+    A started `nubis.testbed.TestbedSession`; one L1 boot per pytest session, booted only when a
+    test asks for it. ``testbed.run(argv, timeout)`` returns ``CommandResult(returncode, output,
+    ...)`` and raises ``CommandTimeoutError`` (with L1's console log and the output so far) if the
+    command is still running at ``timeout`` seconds, after killing its process group.
+``guest_images`` (session)
+    `nubis.image.GuestImages` with ``.bzimage``, ``.vmlinux`` (PVH), ``.initramfs``, ``.rootfs``
+    (ext4, boot with the initramfs and ``root=/dev/vda``), and
+    ``.cmdline(command, console="ttyS0", end="poweroff", root=None, script=None)``, the kernel
+    command line that makes the guest's init run a shell command (see nubis/image/init.sh).
+``e2e_dir`` (function)
+    A fresh directory for this test, writable both here and inside the testbed.
+``run_guest`` (function)
+    ``run_guest(argv, timeout, serial=None)`` runs a VMM command line in the testbed and returns a
+    `GuestRun` (``returncode``, ``output``, ``console``, ``markers``). Each ``{serial}`` in argv
+    is replaced by a fresh log file under `e2e_dir`, and the guest console is that file's text;
+    without it, the console is the command's output (for ``--serial tty`` / ``-serial stdio``).
+    A failing test shows every guest console it ran in its report; a VMM still running at
+    ``timeout`` is killed and `GuestTimeoutError` (a ``CommandTimeoutError``) carries its console.
+``parse_markers`` (function, also importable from ``nubis.image``)
+    Reads the init's markers from a console log: ``.userspace``, ``.exit_status``,
+    ``.poweroff``, ``.ending``, ``.module_failures``, ``.modules_loaded``.
+
+Environment: ``NUBIS_TESTBED_MODE`` (auto, nested or direct) and ``NUBIS_CACHE_DIR`` (the image
+cache, default ``~/.cache/nubis``) override the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nubis.image import GuestImages, InitMarkers, build_guest_images, parse_markers
+from nubis.testbed import CommandTimeoutError, TestbedSession, detect_host
+
+SERIAL_LOGS = pytest.StashKey[list[Path]]()
+CONSOLE_TEXTS = pytest.StashKey[list[tuple[str, str]]]()
+USES_TESTBED = pytest.StashKey[TestbedSession]()
+LOG_LINES_SHOWN = 80
+
+
+def _cache_dir() -> Path | None:
+    value = os.environ.get("NUBIS_CACHE_DIR")
+    return Path(value) if value else None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say, before any test runs, where e2e commands would run and why."""
+    host = detect_host()
+    mode = os.environ.get("NUBIS_TESTBED_MODE", "auto")
+    where = mode if mode != "auto" else ("direct" if host.kind.value == "native" else "nested")
+    return f"nubis e2e testbed: {where} ({host.reason})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Append the guest consoles (and L1's console) a failed test produced to its report."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for path in item.stash.get(SERIAL_LOGS, []):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            text = f"(unreadable: {exc})"
+        report.sections.append((f"guest serial log {path}", _tail(text)))
+    for name, text in item.stash.get(CONSOLE_TEXTS, []):
+        report.sections.append((name, _tail(text)))
+    session = item.stash.get(USES_TESTBED, None)
+    if session is not None:
+        report.sections.append(("L1 console log", _tail(session.console_log())))
+
+
+def _tail(text: str) -> str:
+    return "\n".join(text.splitlines()[-LOG_LINES_SHOWN:]) or "(empty)"
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[TestbedSession]:
+    """The session's testbed, booted on first use and shut down at the end."""
+    session = TestbedSession(
+        mode=os.environ.get("NUBIS_TESTBED_MODE", "auto"), cache_dir=_cache_dir()
+    )
+    session.start()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@pytest.fixture(autouse=True)
+def _note_testbed_use(request: pytest.FixtureRequest) -> None:
+    if "testbed" in request.fixturenames:
+        request.node.stash[USES_TESTBED] = request.getfixturevalue("testbed")
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> GuestImages:
+    """The default guest's kernel (bzImage and PVH vmlinux), initramfs and root disk."""
+    return build_guest_images(_cache_dir())
+
+
+@pytest.fixture
+def e2e_dir(testbed: TestbedSession, request: pytest.FixtureRequest) -> Path:
+    """A fresh per-test directory under the testbed's work directory."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
+    path = testbed.workdir / "e2e" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    """A VMM run in the testbed: its exit status, output, guest console and the init's markers."""
+
+    returncode: int
+    output: str
+    console: str
+    markers: InitMarkers
+    duration: float
+
+
+class GuestTimeoutError(CommandTimeoutError):
+    """A VMM run was killed at its timeout; ``console`` holds what the guest printed."""
+
+    def __init__(self, error: CommandTimeoutError, console: str) -> None:
+        super().__init__(error.message, console_log=error.console_log, output=error.output)
+        self.console = console
+        self.markers = parse_markers(console)
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n--- guest console ---\n{_tail(self.console)}"
+
+
+@pytest.fixture
+def run_guest(
+    testbed: TestbedSession, e2e_dir: Path, request: pytest.FixtureRequest
+) -> Callable[..., GuestRun]:
+    """Return a function running a VMM command line in the testbed (see the module docstring)."""
+    counter = iter(range(1, 1_000_000))
+    logs = request.node.stash.setdefault(SERIAL_LOGS, [])
+    texts = request.node.stash.setdefault(CONSOLE_TEXTS, [])
+
+    def run(argv: Sequence[str], timeout: float, serial: Path | None = None) -> GuestRun:
+        serial = serial or e2e_dir / f"serial-{next(counter)}.log"
+        uses_file = any("{serial}" in a for a in argv)
+        argv = [a.replace("{serial}", str(serial)) for a in argv]
+        if uses_file:
+            serial.unlink(missing_ok=True)
+            logs.append(serial)
+        try:
+            result = testbed.run(argv, timeout)
+        except CommandTimeoutError as exc:
+            console = (
+                serial.read_text(errors="replace") if uses_file and serial.exists() else exc.output
+            )
+            if not uses_file:
+                texts.append(("guest console (VMM output)", exc.output))
+            raise GuestTimeoutError(exc, console) from None
+        console = (
+            serial.read_text(errors="replace") if uses_file and serial.exists() else result.output
+        )
+        if not uses_file:
+            texts.append(("guest console (VMM output)", result.output))
+        else:
+            texts.append(("VMM output", result.output))
+        return GuestRun(
+            result.returncode, result.output, console, parse_markers(console), result.duration
+        )
+
+    return run
+
+
+@pytest.fixture(name="parse_markers")
+def parse_markers_fixture() -> Callable[[str | bytes], InitMarkers]:
+    """The init marker parser, as a fixture for convenience."""
+    return parse_markers
