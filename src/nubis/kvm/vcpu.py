@@ -161,7 +161,10 @@ class VcpuFd:
         try:
             fcntl.ioctl(self.fd, _KVM_RUN)
         except OSError as exc:
-            if exc.errno == errno.EINTR:
+            if exc.errno == errno.EINTR or exc.errno == errno.EAGAIN:
+                # EAGAIN: an application processor that was waiting for INIT/SIPI received
+                # them inside KVM_RUN; KVM returns so userspace can look, and the vCPU runs
+                # from its new state on the next call (api.rst, KVM_RUN).
                 return self._interrupted
             raise KvmError("KVM_RUN", exc.errno or errno.EINVAL, f"vCPU {self.id}") from None
         run_map = self._run_map
