@@ -14,13 +14,14 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nubis.image.cache import Cache, content_key, sha256_file
 from nubis.image.errors import ImageError, PackageNotFoundError
-from nubis.image.tools import run_tool
+from nubis.image.tools import require_tool, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,26 @@ class Apt:
         tmp.write_text(json.dumps({k: asdict(v) for k, v in self._memo.items()}, sort_keys=True))
         os.replace(tmp, self._memo_path)
 
+    @staticmethod
+    def _show(names: Sequence[str]) -> str:
+        proc = subprocess.run(
+            [require_tool("apt-cache"), "show", "--no-all-versions", *names],
+            capture_output=True,
+            check=False,
+        )
+        # apt-cache leaves unknown names out, and fails only if it found none at all.
+        if proc.returncode != 0 and b"No packages found" not in proc.stderr:
+            last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ImageError(f"apt-cache show failed with status {proc.returncode} ({last[0]}).")
+        return proc.stdout.decode(errors="replace")
+
     def resolve(self, names: Iterable[str]) -> dict[str, DebPackage]:
         """Return the candidate version of each named package, raising if one is unknown."""
         memo = self._load_memo()
         wanted = list(dict.fromkeys(names))
         missing = [n for n in wanted if n not in memo]
         if missing:
-            out = run_tool(
-                ["apt-cache", "show", "--no-all-versions", *missing], what="apt-cache show"
-            ).decode(errors="replace")
+            out = self._show(missing)
             for record in parse_records(out):
                 if not all(k in record for k in ("Package", "Version", "Architecture", "SHA256")):
                     continue
