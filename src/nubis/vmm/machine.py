@@ -43,8 +43,16 @@ from nubis.loader.initramfs import InitramfsLoadResult, load_initramfs
 from nubis.loader.memmap import standard_memory_map
 from nubis.loader.pvh import configure_pvh
 from nubis.memory import GuestMemory
+from nubis.pci.mapping import PciBarAllocator, PciMmioMapper
+from nubis.pci.root import PciBus, PciConfigIo, PciConfigMmio
+from nubis.virtio.block import Block
+from nubis.virtio.console import Console
+from nubis.virtio.device import VirtioDevice
+from nubis.virtio.pci import VirtioPciDevice
+from nubis.virtio.rng import Rng
 from nubis.vmm.config import MAX_CMDLINE_SIZE, ConsoleMode, VmConfig
 from nubis.vmm.console import FdOutput, TerminalInput, open_output
+from nubis.vmm.interrupts import GsiRouting, KvmIoEvents, MsiVectors
 from nubis.vmm.vcpu import GuestHalted, GuestPowerOff, GuestReset, Vcpu, VcpuEvent, VcpuFailure
 
 _log = logging.getLogger(__name__)
@@ -93,6 +101,16 @@ def kernel_format(path: str) -> str:
     raise LoaderError(f"kernel {path!r} is neither an ELF vmlinux nor a bzImage")
 
 
+def _feeder(console: Console) -> Callable[[bytes], int]:
+    """Terminal input into virtio-console, which queues (and bounds) what it is given."""
+
+    def feed(data: bytes) -> int:
+        console.feed(data)
+        return len(data)
+
+    return feed
+
+
 def is_linux_kernel(path: str) -> bool:
     """Whether ``path`` is a Linux kernel: any bzImage, or an ELF carrying Linux's banner."""
     if kernel_format(path) == "bzimage":
@@ -124,6 +142,7 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         self.vcpus: list[Vcpu] = []
         self._terminal: TerminalInput | None = None
+        self.virtio_devices: dict[str, VirtioDevice] = {}
         self.vm: VmFd = kvm.create_vm()
         self._closers.append(self.vm.close)
         try:
@@ -150,6 +169,7 @@ class Machine:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self._add_legacy_devices(interactive)
+        self._add_pci_devices(interactive)
 
         entry = self._load_kernel()
         memory_map = [tuple(e) for e in standard_memory_map(ranges)]
@@ -220,6 +240,52 @@ class Machine:
             reset=lambda: self._request_exit(MachineExit(ExitKind.RESET)),
         )
         bus.insert(acpi_pm, layout.PORT_ACPI_SLEEP_CONTROL, 3)
+
+    def _add_pci_devices(self, interactive: bool) -> None:
+        """The PCI segment (CF8/CFC and ECAM) with one virtio-pci device per configured device."""
+        routing = GsiRouting(self.vm)
+        mapper = PciMmioMapper(self.mmio_bus, PciBarAllocator.for_ram_size(self.config.memory.size))
+        self.pci_bus = PciBus(mapper)
+        self.pio_bus.insert(
+            PciConfigIo(self.pci_bus), layout.PORT_PCI_CONFIG_ADDRESS, layout.PORT_PCI_CONFIG_SIZE
+        )
+        self.mmio_bus.insert(
+            PciConfigMmio(self.pci_bus), layout.PCI_MMCONFIG_START, layout.PCI_MMCONFIG_SIZE
+        )
+        ioevents = KvmIoEvents(self.vm)
+        for device_id, device in self._virtio_devices(interactive):
+            vectors = MsiVectors(self.vm, routing, len(device.queue_max_sizes) + 1)
+            self._closers.append(vectors.close)
+            transport = VirtioPciDevice(device, self.memory, vectors, ioevents)
+            self._closers.append(transport.close)
+            self._closers.append(device.shutdown)
+            mapper.map_device(transport)
+            self.pci_bus.add_device(transport)
+            self.virtio_devices[device_id] = device
+
+    def _virtio_devices(self, interactive: bool) -> list[tuple[str, VirtioDevice]]:
+        config = self.config
+        devices: list[tuple[str, VirtioDevice]] = []
+        for index, disk in enumerate(config.disks):
+            block = Block(
+                disk.path, readonly=disk.readonly, direct=disk.direct, serial=disk.serial or disk.id
+            )
+            devices.append((disk.id or f"_disk{index}", block))
+        if config.rng is not None:
+            devices.append(("_rng", Rng(config.rng.src)))
+        output = open_output(config.console)
+        if output is not None:
+            if isinstance(output, FdOutput):
+                self._closers.append(output.close)
+            console = Console(output)
+            if config.console.mode is ConsoleMode.TTY and interactive:
+                self._terminal = TerminalInput(_feeder(console))
+            devices.append(("_console", console))
+        return devices
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per-device counters for the API, keyed by device id."""
+        return {device_id: dev.counters() for device_id, dev in self.virtio_devices.items()}
 
     def _load_kernel(self) -> KernelEntry:
         path = self.config.payload.kernel

@@ -253,7 +253,7 @@ class Vmm:
         with self._lock:
             if self._state is None:
                 next_state(None, VmAction.BOOT)
-            return {}
+            return self._machine.counters() if self._machine is not None else {}
 
     def delete(self) -> None:
         """Shut down if needed and forget the VM."""
