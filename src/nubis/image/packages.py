@@ -54,6 +54,31 @@ def resolve_in_tree(tree: Path, rel: str) -> Path | None:
     return None
 
 
+_LIBRARY_INDEX: dict[Path, dict[str, str]] = {}
+
+
+def _find_library(tree: Path, soname: str) -> Path | None:
+    """Find a library in a tree's library directories, including private subdirectories.
+
+    Libraries such as librados reach theirs (``.../ceph/libceph-common.so.2``) through
+    DT_RUNPATH; the guest gets them all in one directory, so the search simply includes them.
+    """
+    for directory in LIB_DIRS:
+        hit = resolve_in_tree(tree, f"{directory}/{soname}")
+        if hit is not None:
+            return hit
+    if tree not in _LIBRARY_INDEX:
+        index: dict[str, str] = {}
+        for directory in LIB_DIRS:
+            for dirpath, _, filenames in os.walk(tree / directory):
+                for name in filenames:
+                    rel = os.path.relpath(os.path.join(dirpath, name), tree)
+                    index.setdefault(name, rel)
+        _LIBRARY_INDEX[tree] = index
+    found = _LIBRARY_INDEX[tree].get(soname)
+    return resolve_in_tree(tree, found) if found is not None else None
+
+
 def _is_elf(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(4) == elf.ELF_MAGIC
@@ -117,13 +142,7 @@ def install_packages(
             for soname in elf.needed_libraries(data):
                 if soname not in found:
                     hit = next(
-                        (
-                            h
-                            for t in trees
-                            for d in LIB_DIRS
-                            if (h := resolve_in_tree(t, f"{d}/{soname}")) is not None
-                        ),
-                        None,
+                        (h for t in trees if (h := _find_library(t, soname)) is not None), None
                     )
                     if hit is None:
                         unresolved.add(soname)
