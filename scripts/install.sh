@@ -30,3 +30,6 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+# Byte-compile nubis once, so no process (nor the nested test host, which sees this tree
+# read-only) compiles it again at start-up.
+.venv/bin/python -m compileall -q src >/dev/null
