@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nubis.acpi.dsdt import GedConfig
 from nubis.acpi.tables import AcpiConfig, create_acpi_tables
 from nubis.arch.x86_64 import layout
 from nubis.arch.x86_64.regs import BootEntry, BootProtocol
@@ -29,11 +30,13 @@ from nubis.arch.x86_64.vcpu import configure_vcpus
 from nubis.devices.acpi_pm import AcpiPmDevice
 from nubis.devices.bus import Bus
 from nubis.devices.debug_port import DebugPort
+from nubis.devices.ged import GenericEventDevice
 from nubis.devices.i8042 import I8042
 from nubis.devices.interrupt import EventFdTrigger
 from nubis.devices.rtc import CmosRtc
 from nubis.devices.serial import Serial16550
 from nubis.kvm import Kvm, VmFd
+from nubis.kvm.bindings import kvm_clock_data
 from nubis.loader.bootparams import configure_boot_params
 from nubis.loader.bzimage import load_bzimage
 from nubis.loader.cmdline import Cmdline
@@ -143,6 +146,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self._terminal: TerminalInput | None = None
         self.virtio_devices: dict[str, VirtioDevice] = {}
+        self._paused_clock: kvm_clock_data | None = None
         self.vm: VmFd = kvm.create_vm()
         self._closers.append(self.vm.close)
         try:
@@ -179,6 +183,7 @@ class Machine:
                 num_vcpus=self.config.cpus.boot_vcpus,
                 mem64_start=layout.mem_64bit_devices_start(self.config.memory.size),
                 mem64_size=layout.MEM_64BIT_DEVICES_SIZE,
+                ged=GedConfig(layout.GED_MMIO_START, layout.IRQ_GED),
             ),
         )
         initramfs = self._load_initramfs(entry)
@@ -240,6 +245,11 @@ class Machine:
             reset=lambda: self._request_exit(MachineExit(ExitKind.RESET)),
         )
         bus.insert(acpi_pm, layout.PORT_ACPI_SLEEP_CONTROL, 3)
+        ged_irq = EventFdTrigger()
+        self._closers.append(ged_irq.close)
+        self.vm.register_irqfd(ged_irq.fd, layout.IRQ_GED)
+        self.ged = GenericEventDevice(ged_irq)
+        self.mmio_bus.insert(self.ged, layout.GED_MMIO_START, layout.GED_MMIO_SIZE)
 
     def _add_pci_devices(self, interactive: bool) -> None:
         """The PCI segment (CF8/CFC and ECAM) with one virtio-pci device per configured device."""
@@ -337,14 +347,29 @@ class Machine:
             vcpu.start()
 
     def pause(self) -> None:
-        """Park every vCPU outside KVM_RUN."""
+        """Park every vCPU outside KVM_RUN and freeze the guest's clock.
+
+        kvmclock is saved here and restored by :meth:`resume`, so the guest does not see the
+        paused time pass (its wall clock then lags the host's by that much, as after a
+        suspend; NTP or the next boot corrects it).
+        """
         for vcpu in self.vcpus:
             vcpu.pause(timeout=10.0)
+        self._paused_clock = self.vm.get_clock()
 
     def resume(self) -> None:
-        """Let every parked vCPU run again."""
+        """Restore the guest's clock and let every parked vCPU run again."""
+        if self._paused_clock is not None:
+            clock = self._paused_clock
+            clock.flags = 0  # only the clock value; KVM_CLOCK_REALTIME etc. would advance it
+            self.vm.set_clock(clock)
+            self._paused_clock = None
         for vcpu in self.vcpus:
             vcpu.resume()
+
+    def press_power_button(self) -> None:
+        """Press the ACPI power button (the guest decides what to do, as on real hardware)."""
+        self.ged.press_power_button()
 
     def close(self) -> None:
         """Stop the vCPUs, restore the terminal and release every resource, newest first."""

@@ -234,7 +234,8 @@ class Vmm:
         """Press the ACPI power button."""
         with self._lock:
             self._transition(VmAction.POWER_BUTTON)
-            raise InvalidStateError("this VM has no ACPI power button device")
+            assert self._machine is not None
+            self._machine.press_power_button()
 
     def info(self) -> dict[str, Any]:
         """Configuration, state and memory size."""

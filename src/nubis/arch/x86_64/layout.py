@@ -17,6 +17,7 @@ map can be read in one place::
     0xc000_0000  32-bit MMIO hole start   (MEM_32BIT_RESERVED_START): RAM stops here
     0xc000_0000  32-bit PCI BAR window    (MEM_32BIT_DEVICES_START, _SIZE)
     0xe800_0000  PCI ECAM (MMCONFIG)      (PCI_MMCONFIG_START, _SIZE), bus 0 only
+    0xfeb0_0000  ACPI GED status register (GED_MMIO_START), the power button's event source
     0xfec0_0000  IOAPIC                   (IOAPIC_START)
     0xfee0_0000  local APIC               (APIC_START)
     0xfffb_c000  KVM identity map page, then 3 TSS pages (KVM_IDENTITY_MAP_START, KVM_TSS_START)
@@ -57,6 +58,8 @@ MEM_32BIT_DEVICES_START: Final = MEM_32BIT_RESERVED_START
 MEM_32BIT_DEVICES_SIZE: Final = 640 * MiB
 PCI_MMCONFIG_START: Final = 0xE800_0000
 PCI_MMCONFIG_SIZE: Final = 256 * MiB  # room for 256 buses; nubis uses bus 0 only
+GED_MMIO_START: Final = 0xFEB0_0000
+GED_MMIO_SIZE: Final = 1
 IOAPIC_START: Final = 0xFEC0_0000
 IOAPIC_SIZE: Final = 0x20
 APIC_START: Final = 0xFEE0_0000
@@ -91,6 +94,7 @@ IRQ_COM1: Final = 4
 IRQ_RTC: Final = 8
 IRQ_I8042_KEYBOARD: Final = 1
 IRQ_ACPI_SCI: Final = 9
+IRQ_GED: Final = 5  # a free ISA line, edge-triggered as Linux's GED driver requires
 # GSIs from here up are free for devices (MSI routes, GED); the IOAPIC has 24 pins.
 IOAPIC_NUM_PINS: Final = 24
 FIRST_DEVICE_GSI: Final = 24
