@@ -9,7 +9,7 @@ DEBIAN_PACKAGES=(
     python3 python3-venv python3-pip   # the interpreter and venv
     gcc libc6-dev                      # benchmarks compile their C reference loops
     qemu-system-x86                    # the nested test host and the reference VMM
-    busybox-static cpio lz4 kmod       # guest initramfs
+    busybox-static cpio lz4 xz-utils kmod  # guest initramfs, kernel extraction
     e2fsprogs                          # guest ext4 root filesystem (mke2fs -d)
     acpica-tools                       # iasl, which checks nubis's ACPI tables
     iproute2                           # tap devices and network namespaces in tests

@@ -82,7 +82,10 @@ set +f
 
 opts=trans=virtio,version=9p2000.L,msize=262144
 mkdir -p /host
-mount -t 9p -o "$opts,ro" host /host || fail "mount-host-share"
+# The host's root is read-only here and does not change under a session's feet, so L1 may
+# cache it (cache=loose): without that every stat and read of Python's modules or QEMU's
+# libraries is a 9p round trip under TCG, and starting Python costs tens of seconds.
+mount -t 9p -o "$opts,ro,cache=loose" host /host || fail "mount-host-share"
 mount -t proc proc /host/proc || fail "mount-proc"
 mount -t sysfs sysfs /host/sys || fail "mount-sys"
 mount -t devtmpfs devtmpfs /host/dev || fail "mount-dev"
