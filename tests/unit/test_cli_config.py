@@ -162,6 +162,7 @@ def test_console_and_device_options() -> None:
     [
         (["--kernel", "/nonexistent/vmlinux"], "does not exist"),
         (["--kernel", "{kernel}", "--cpus", "boot=0"], "cpus.boot_vcpus is 0"),
+        (["--kernel", "{kernel}", "--cpus", "boot=255"], "cpus.boot_vcpus is 255"),
         (["--kernel", "{kernel}", "--memory", "size=1M"], "memory.size"),
         (["--kernel", "{kernel}", "--memory", "size=64T"], "memory.size"),
         (["--kernel", "{kernel}", "--memory", "size=lots"], "is not a size"),

@@ -78,6 +78,13 @@ class Vmm:
     def _start_machine(self) -> None:
         assert self._config is not None
         kvm = self._open_kvm(self._config.payload.kernel)
+        max_vcpus = kvm.get_max_vcpus()
+        if self._config.cpus.boot_vcpus > max_vcpus:
+            raise BootError(
+                f"cpus.boot_vcpus is {self._config.cpus.boot_vcpus}, more than the "
+                f"{max_vcpus} vCPUs this host's KVM allows",
+                EXIT_BAD_INPUT,
+            )
         self.events.vm("booting")
         try:
             machine = Machine(
