@@ -13,11 +13,10 @@ expected.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
+from nubis._frozen import Frozen
 from nubis.acpi.errors import AcpiError
 
 __all__ = [
@@ -119,7 +118,28 @@ FIELD_OP: Final = 0x81
 DEVICE_OP: Final = 0x82
 
 _MAX_PKG_LENGTH: Final = (1 << 28) - 1
-_NAME_SEG: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,3}")
+_UPPER: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX_DIGITS: Final = frozenset("0123456789ABCDEF")
+_NAME_LEAD: Final = _UPPER | {"_"}
+_NAME_CHARS: Final = _NAME_LEAD | frozenset("0123456789")
+
+
+def _is_name_seg(segment: str) -> bool:
+    """1-4 characters of A-Z, 0-9 and _, not starting with a digit (section 20.2.2)."""
+    return (
+        0 < len(segment) <= 4
+        and segment[0] in _NAME_LEAD
+        and all(c in _NAME_CHARS for c in segment)
+    )
+
+
+def _is_eisa_id(value: str) -> bool:
+    """Three capitals and four upper-case hex digits, such as ``PNP0A08``."""
+    return (
+        len(value) == 7
+        and all(c in _UPPER for c in value[:3])
+        and all(c in _HEX_DIGITS for c in value[3:])
+    )
 
 
 def to_aml(term: AmlTerm) -> bytes:
@@ -162,7 +182,7 @@ def _with_pkg_length(opcode: bytes, body: bytes) -> bytes:
 
 
 def _name_seg(segment: str) -> bytes:
-    if not _NAME_SEG.fullmatch(segment):
+    if not _is_name_seg(segment):
         raise AmlError(
             f"AML name segment {segment!r} must be 1-4 characters of A-Z, 0-9 and _, "
             "not starting with a digit"
@@ -170,11 +190,15 @@ def _name_seg(segment: str) -> bytes:
     return segment.ljust(4, "_").encode("ascii")
 
 
-@dataclass(frozen=True)
-class NamePath:
+class NamePath(Frozen):
     r"""A NameString (ACPI 6.4 section 20.2.2): ``\_SB.PCI0``, ``^^FOO``, ``_HID``, ``\``."""
 
+    __slots__ = ("path",)
+
     path: str
+
+    def __init__(self, path: str) -> None:
+        object.__setattr__(self, "path", path)
 
     def to_aml_bytes(self) -> bytes:
         """Root or parent prefixes, then a NullName, one segment, a dual or a multi name."""
@@ -201,15 +225,20 @@ def _path(name: str | NamePath) -> bytes:
     return (name if isinstance(name, NamePath) else NamePath(name)).to_aml_bytes()
 
 
-@dataclass(frozen=True)
-class Integer:
+class Integer(Frozen):
     """An integer data object in its shortest encoding (ACPI 6.4 section 20.2.3).
 
     ``width`` (8, 16, 32 or 64) forces ByteConst, WordConst, DWordConst or QWordConst.
     """
 
+    __slots__ = ("value", "width")
+
     value: int
-    width: int | None = None
+    width: int | None
+
+    def __init__(self, value: int, width: int | None = None) -> None:
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "width", width)
 
     def to_aml_bytes(self) -> bytes:
         """ZeroOp, OneOp, OnesOp or a prefixed constant."""
@@ -239,11 +268,15 @@ ONE: Final = Integer(1)
 ONES: Final = Integer((1 << 64) - 1)
 
 
-@dataclass(frozen=True)
-class String:
+class String(Frozen):
     """A String data object: ASCII characters 0x01-0x7f, NUL terminated (section 20.2.3)."""
 
+    __slots__ = ("value",)
+
     value: str
+
+    def __init__(self, value: str) -> None:
+        object.__setattr__(self, "value", value)
 
     def to_aml_bytes(self) -> bytes:
         """StringPrefix, the characters, NullChar."""
@@ -252,15 +285,19 @@ class String:
         return bytes([STRING_PREFIX]) + self.value.encode("ascii") + b"\x00"
 
 
-@dataclass(frozen=True)
-class EisaId:
+class EisaId(Frozen):
     """A compressed EISA id such as ``PNP0A08``, encoded as a DWordConst (section 19.6.36)."""
+
+    __slots__ = ("eisa_id",)
 
     eisa_id: str
 
+    def __init__(self, eisa_id: str) -> None:
+        object.__setattr__(self, "eisa_id", eisa_id)
+
     def to_aml_bytes(self) -> bytes:
         """Three 5-bit letters and four hex digits, big-endian within the DWORD."""
-        if not re.fullmatch(r"[A-Z]{3}[0-9A-F]{4}", self.eisa_id):
+        if not _is_eisa_id(self.eisa_id):
             raise AmlError(f"EISA id {self.eisa_id!r} is not three capitals and four hex digits")
         letters = [ord(c) - 0x40 for c in self.eisa_id[:3]]
         vendor = (letters[0] << 10) | (letters[1] << 5) | letters[2]
@@ -269,22 +306,30 @@ class EisaId:
         return Integer(value, width=32).to_aml_bytes()
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(Frozen):
     """A Buffer of raw bytes (section 20.2.5.4, DefBuffer)."""
 
+    __slots__ = ("data",)
+
     data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        object.__setattr__(self, "data", data)
 
     def to_aml_bytes(self) -> bytes:
         """BufferOp PkgLength BufferSize ByteList."""
         return _with_pkg_length(bytes([BUFFER_OP]), to_aml(len(self.data)) + self.data)
 
 
-@dataclass(frozen=True)
-class Package:
+class Package(Frozen):
     """A Package of up to 255 elements (section 20.2.5.4, DefPackage)."""
 
+    __slots__ = ("elements",)
+
     elements: Sequence[AmlTerm]
+
+    def __init__(self, elements: Sequence[AmlTerm]) -> None:
+        object.__setattr__(self, "elements", elements)
 
     def to_aml_bytes(self) -> bytes:
         """PackageOp PkgLength NumElements PackageElementList."""
@@ -294,36 +339,51 @@ class Package:
         return _with_pkg_length(bytes([PACKAGE_OP]), body)
 
 
-@dataclass(frozen=True)
-class Name:
+class Name(Frozen):
     """``Name(path, value)`` (section 20.2.5.1, DefName)."""
+
+    __slots__ = ("name", "value")
 
     name: str | NamePath
     value: AmlTerm
+
+    def __init__(self, name: str | NamePath, value: AmlTerm) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "value", value)
 
     def to_aml_bytes(self) -> bytes:
         """NameOp NameString DataRefObject."""
         return bytes([NAME_OP]) + _path(self.name) + to_aml(self.value)
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(Frozen):
     """``Scope(path) { terms }`` (section 20.2.5.1, DefScope)."""
+
+    __slots__ = ("name", "terms")
 
     name: str | NamePath
     terms: Sequence[AmlTerm]
+
+    def __init__(self, name: str | NamePath, terms: Sequence[AmlTerm]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "terms", terms)
 
     def to_aml_bytes(self) -> bytes:
         """ScopeOp PkgLength NameString TermList."""
         return _with_pkg_length(bytes([SCOPE_OP]), _path(self.name) + _terms(self.terms))
 
 
-@dataclass(frozen=True)
-class Device:
+class Device(Frozen):
     """``Device(path) { terms }`` (section 20.2.5.2, DefDevice)."""
+
+    __slots__ = ("name", "terms")
 
     name: str | NamePath
     terms: Sequence[AmlTerm]
+
+    def __init__(self, name: str | NamePath, terms: Sequence[AmlTerm]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "terms", terms)
 
     def to_aml_bytes(self) -> bytes:
         """ExtOpPrefix DeviceOp PkgLength NameString TermList."""
@@ -332,15 +392,30 @@ class Device:
         )
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(Frozen):
     """``Method(path, args, Serialized|NotSerialized) { terms }`` (section 20.2.5.2)."""
+
+    __slots__ = ("args", "name", "serialized", "sync_level", "terms")
 
     name: str | NamePath
     args: int
     terms: Sequence[AmlTerm]
-    serialized: bool = False
-    sync_level: int = 0
+    serialized: bool
+    sync_level: int
+
+    def __init__(
+        self,
+        name: str | NamePath,
+        args: int,
+        terms: Sequence[AmlTerm],
+        serialized: bool = False,
+        sync_level: int = 0,
+    ) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "serialized", serialized)
+        object.__setattr__(self, "sync_level", sync_level)
 
     def to_aml_bytes(self) -> bytes:
         """MethodOp PkgLength NameString MethodFlags TermList."""
@@ -353,57 +428,79 @@ class Method:
         return _with_pkg_length(bytes([METHOD_OP]), body)
 
 
-@dataclass(frozen=True)
-class Return:
+class Return(Frozen):
     """``Return(value)`` (section 20.2.5.3, DefReturn)."""
 
+    __slots__ = ("value",)
+
     value: AmlTerm
+
+    def __init__(self, value: AmlTerm) -> None:
+        object.__setattr__(self, "value", value)
 
     def to_aml_bytes(self) -> bytes:
         """ReturnOp ArgObject."""
         return bytes([RETURN_OP]) + to_aml(self.value)
 
 
-@dataclass(frozen=True)
-class Notify:
+class Notify(Frozen):
     """``Notify(object, value)`` (section 20.2.5.3, DefNotify)."""
+
+    __slots__ = ("target", "value")
 
     target: str | NamePath
     value: AmlTerm
+
+    def __init__(self, target: str | NamePath, value: AmlTerm) -> None:
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "value", value)
 
     def to_aml_bytes(self) -> bytes:
         """NotifyOp NotifyObject NotifyValue."""
         return bytes([NOTIFY_OP]) + _path(self.target) + to_aml(self.value)
 
 
-@dataclass(frozen=True)
-class If:
+class If(Frozen):
     """``If(predicate) { terms }`` (section 20.2.5.3, DefIfElse without the Else)."""
+
+    __slots__ = ("predicate", "terms")
 
     predicate: AmlTerm
     terms: Sequence[AmlTerm]
+
+    def __init__(self, predicate: AmlTerm, terms: Sequence[AmlTerm]) -> None:
+        object.__setattr__(self, "predicate", predicate)
+        object.__setattr__(self, "terms", terms)
 
     def to_aml_bytes(self) -> bytes:
         """IfOp PkgLength Predicate TermList."""
         return _with_pkg_length(bytes([IF_OP]), to_aml(self.predicate) + _terms(self.terms))
 
 
-@dataclass(frozen=True)
-class Else:
+class Else(Frozen):
     """``Else { terms }``, placed right after an `If` (section 20.2.5.3, DefElse)."""
 
+    __slots__ = ("terms",)
+
     terms: Sequence[AmlTerm]
+
+    def __init__(self, terms: Sequence[AmlTerm]) -> None:
+        object.__setattr__(self, "terms", terms)
 
     def to_aml_bytes(self) -> bytes:
         """ElseOp PkgLength TermList."""
         return _with_pkg_length(bytes([ELSE_OP]), _terms(self.terms))
 
 
-@dataclass(frozen=True)
-class Local:
+class Local(Frozen):
     """``LocalN``, N in 0-7 (section 20.2.6.2)."""
 
+    __slots__ = ("index",)
+
     index: int
+
+    def __init__(self, index: int) -> None:
+        object.__setattr__(self, "index", index)
 
     def to_aml_bytes(self) -> bytes:
         """Local0Op + N."""
@@ -412,11 +509,15 @@ class Local:
         return bytes([LOCAL0_OP + self.index])
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(Frozen):
     """``ArgN``, N in 0-6 (section 20.2.6.1)."""
 
+    __slots__ = ("index",)
+
     index: int
+
+    def __init__(self, index: int) -> None:
+        object.__setattr__(self, "index", index)
 
     def to_aml_bytes(self) -> bytes:
         """Arg0Op + N."""
@@ -428,25 +529,36 @@ class Arg:
 Target: TypeAlias = Local | Arg | NamePath
 
 
-@dataclass(frozen=True)
-class Store:
+class Store(Frozen):
     """``Store(value, target)`` (section 20.2.5.4, DefStore)."""
+
+    __slots__ = ("target", "value")
 
     value: AmlTerm
     target: Target
+
+    def __init__(self, value: AmlTerm, target: Target) -> None:
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "target", target)
 
     def to_aml_bytes(self) -> bytes:
         """StoreOp TermArg SuperName."""
         return bytes([STORE_OP]) + to_aml(self.value) + self.target.to_aml_bytes()
 
 
-@dataclass(frozen=True)
-class And:
+class And(Frozen):
     """``And(a, b, target)``, bitwise; no target gives a NullName (section 20.2.5.4)."""
+
+    __slots__ = ("left", "right", "target")
 
     left: AmlTerm
     right: AmlTerm
-    target: Target | None = None
+    target: Target | None
+
+    def __init__(self, left: AmlTerm, right: AmlTerm, target: Target | None = None) -> None:
+        object.__setattr__(self, "left", left)
+        object.__setattr__(self, "right", right)
+        object.__setattr__(self, "target", target)
 
     def to_aml_bytes(self) -> bytes:
         """AndOp Operand Operand Target."""
@@ -454,12 +566,17 @@ class And:
         return bytes([AND_OP]) + to_aml(self.left) + to_aml(self.right) + target
 
 
-@dataclass(frozen=True)
-class LEqual:
+class LEqual(Frozen):
     """``LEqual(a, b)`` (section 20.2.5.4, DefLEqual)."""
+
+    __slots__ = ("left", "right")
 
     left: AmlTerm
     right: AmlTerm
+
+    def __init__(self, left: AmlTerm, right: AmlTerm) -> None:
+        object.__setattr__(self, "left", left)
+        object.__setattr__(self, "right", right)
 
     def to_aml_bytes(self) -> bytes:
         """LEqualOp Operand Operand."""
@@ -474,14 +591,21 @@ class RegionSpace:
     PCI_CONFIG: Final = 0x02
 
 
-@dataclass(frozen=True)
-class OperationRegion:
+class OperationRegion(Frozen):
     """``OperationRegion(name, space, offset, length)`` (section 20.2.5.2, DefOpRegion)."""
+
+    __slots__ = ("length", "name", "offset", "space")
 
     name: str | NamePath
     space: int
     offset: AmlTerm
     length: AmlTerm
+
+    def __init__(self, name: str | NamePath, space: int, offset: AmlTerm, length: AmlTerm) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "space", space)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "length", length)
 
     def to_aml_bytes(self) -> bytes:
         """ExtOpPrefix OpRegionOp NameString RegionSpace RegionOffset RegionLen."""
@@ -512,18 +636,33 @@ class FieldUpdate:
     WRITE_AS_ZEROS: Final = 2
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(Frozen):
     """``Field(region, access, lock, update) { name, bits; ... }`` (section 20.2.5.2).
 
     Each element is ``(name, bits)``; a name of ``None`` is a reserved (skipped) field.
     """
 
+    __slots__ = ("access", "elements", "lock", "region", "update")
+
     region: str | NamePath
     elements: Sequence[tuple[str | None, int]]
-    access: int = FieldAccess.BYTE
-    lock: bool = False
-    update: int = FieldUpdate.PRESERVE
+    access: int
+    lock: bool
+    update: int
+
+    def __init__(
+        self,
+        region: str | NamePath,
+        elements: Sequence[tuple[str | None, int]],
+        access: int = FieldAccess.BYTE,
+        lock: bool = False,
+        update: int = FieldUpdate.PRESERVE,
+    ) -> None:
+        object.__setattr__(self, "region", region)
+        object.__setattr__(self, "elements", elements)
+        object.__setattr__(self, "access", access)
+        object.__setattr__(self, "lock", lock)
+        object.__setattr__(self, "update", update)
 
     def to_aml_bytes(self) -> bytes:
         """ExtOpPrefix FieldOp PkgLength NameString FieldFlags FieldList."""
@@ -541,14 +680,21 @@ class Field:
 # Resource descriptors (ACPI 6.4 section 6.4).
 
 
-@dataclass(frozen=True)
-class Io:
+class Io(Frozen):
     """I/O port descriptor, small item type 0x08 (section 6.4.2.5), 16-bit decode."""
+
+    __slots__ = ("alignment", "length", "maximum", "minimum")
 
     minimum: int
     maximum: int
     alignment: int
     length: int
+
+    def __init__(self, minimum: int, maximum: int, alignment: int, length: int) -> None:
+        object.__setattr__(self, "minimum", minimum)
+        object.__setattr__(self, "maximum", maximum)
+        object.__setattr__(self, "alignment", alignment)
+        object.__setattr__(self, "length", length)
 
     def to_aml_bytes(self) -> bytes:
         """8 bytes: tag 0x47, decode flag, min, max, alignment, length."""
@@ -560,11 +706,15 @@ class Io:
         )
 
 
-@dataclass(frozen=True)
-class IrqNoFlags:
+class IrqNoFlags(Frozen):
     """IRQ descriptor without the information byte, small item type 0x04 (section 6.4.2.1)."""
 
+    __slots__ = ("irq",)
+
     irq: int
+
+    def __init__(self, irq: int) -> None:
+        object.__setattr__(self, "irq", irq)
 
     def to_aml_bytes(self) -> bytes:
         """3 bytes: tag 0x22 and the 16-bit IRQ mask (edge, active high, exclusive)."""
@@ -573,15 +723,30 @@ class IrqNoFlags:
         return bytes([0x22]) + (1 << self.irq).to_bytes(2, "little")
 
 
-@dataclass(frozen=True)
-class Interrupt:
+class Interrupt(Frozen):
     """Extended interrupt descriptor, large item 0x09 (section 6.4.3.6), one GSI."""
 
+    __slots__ = ("active_low", "consumer", "edge_triggered", "gsi", "shared")
+
     gsi: int
-    consumer: bool = True
-    edge_triggered: bool = True
-    active_low: bool = False
-    shared: bool = False
+    consumer: bool
+    edge_triggered: bool
+    active_low: bool
+    shared: bool
+
+    def __init__(
+        self,
+        gsi: int,
+        consumer: bool = True,
+        edge_triggered: bool = True,
+        active_low: bool = False,
+        shared: bool = False,
+    ) -> None:
+        object.__setattr__(self, "gsi", gsi)
+        object.__setattr__(self, "consumer", consumer)
+        object.__setattr__(self, "edge_triggered", edge_triggered)
+        object.__setattr__(self, "active_low", active_low)
+        object.__setattr__(self, "shared", shared)
 
     def to_aml_bytes(self) -> bytes:
         """Tag 0x89, length 6, flags, table length 1, the 32-bit interrupt number."""
@@ -594,13 +759,19 @@ class Interrupt:
         return bytes([0x89, 6, 0, flags, 1]) + self.gsi.to_bytes(4, "little")
 
 
-@dataclass(frozen=True)
-class Memory32Fixed:
+class Memory32Fixed(Frozen):
     """32-bit fixed memory range descriptor, large item 0x06 (section 6.4.3.4)."""
+
+    __slots__ = ("base", "length", "read_write")
 
     base: int
     length: int
-    read_write: bool = True
+    read_write: bool
+
+    def __init__(self, base: int, length: int, read_write: bool = True) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "length", length)
+        object.__setattr__(self, "read_write", read_write)
 
     def to_aml_bytes(self) -> bytes:
         """12 bytes: tag 0x86, length 9, information, base, length."""
@@ -636,12 +807,17 @@ def _address_space(
     return bytes([tag]) + len(body).to_bytes(2, "little") + body
 
 
-@dataclass(frozen=True)
-class WordBusNumber:
+class WordBusNumber(Frozen):
     """``WordBusNumber`` producer descriptor for buses ``first..last`` (section 6.4.3.5.3)."""
+
+    __slots__ = ("first", "last")
 
     first: int
     last: int
+
+    def __init__(self, first: int, last: int) -> None:
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "last", last)
 
     def to_aml_bytes(self) -> bytes:
         """Word address space descriptor of resource type 2 (bus number)."""
@@ -649,12 +825,17 @@ class WordBusNumber:
         return _address_space(0x88, 2, _RESOURCE_BUS_NUMBER, 0, self.first, length)
 
 
-@dataclass(frozen=True)
-class WordIo:
+class WordIo(Frozen):
     """``WordIO`` producer descriptor for ports ``minimum..maximum`` (section 6.4.3.5.3)."""
+
+    __slots__ = ("maximum", "minimum")
 
     minimum: int
     maximum: int
+
+    def __init__(self, minimum: int, maximum: int) -> None:
+        object.__setattr__(self, "minimum", minimum)
+        object.__setattr__(self, "maximum", maximum)
 
     def to_aml_bytes(self) -> bytes:
         """Word address space descriptor of resource type 1 (I/O), entire range."""
@@ -662,49 +843,67 @@ class WordIo:
         return _address_space(0x88, 2, _RESOURCE_IO, _IO_ENTIRE_RANGE, self.minimum, length)
 
 
-@dataclass(frozen=True)
-class DWordMemory:
+class DWordMemory(Frozen):
     """``DWordMemory`` producer descriptor, read-write, non-cacheable (section 6.4.3.5.2)."""
+
+    __slots__ = ("base", "length")
 
     base: int
     length: int
+
+    def __init__(self, base: int, length: int) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "length", length)
 
     def to_aml_bytes(self) -> bytes:
         """DWord address space descriptor of resource type 0 (memory)."""
         return _address_space(0x87, 4, _RESOURCE_MEMORY, _MEMORY_READ_WRITE, self.base, self.length)
 
 
-@dataclass(frozen=True)
-class QWordMemory:
+class QWordMemory(Frozen):
     """``QWordMemory`` producer descriptor, read-write, non-cacheable (section 6.4.3.5.1)."""
+
+    __slots__ = ("base", "length")
 
     base: int
     length: int
+
+    def __init__(self, base: int, length: int) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "length", length)
 
     def to_aml_bytes(self) -> bytes:
         """QWord address space descriptor of resource type 0 (memory)."""
         return _address_space(0x8A, 8, _RESOURCE_MEMORY, _MEMORY_READ_WRITE, self.base, self.length)
 
 
-@dataclass(frozen=True)
-class EndTag:
+class EndTag(Frozen):
     """End tag, small item type 0x0F (section 6.4.2.9), with the template's checksum."""
 
-    checksum: int = 0
+    __slots__ = ("checksum",)
+
+    checksum: int
+
+    def __init__(self, checksum: int = 0) -> None:
+        object.__setattr__(self, "checksum", checksum)
 
     def to_aml_bytes(self) -> bytes:
         """2 bytes: tag 0x79 and the checksum."""
         return bytes([0x79, self.checksum & 0xFF])
 
 
-@dataclass(frozen=True)
-class ResourceTemplate:
+class ResourceTemplate(Frozen):
     """``ResourceTemplate() { descriptors }``: a Buffer of descriptors and an end tag.
 
     The end tag's checksum makes all bytes of the template sum to zero (section 6.4.2.9).
     """
 
+    __slots__ = ("descriptors",)
+
     descriptors: Sequence[Aml]
+
+    def __init__(self, descriptors: Sequence[Aml]) -> None:
+        object.__setattr__(self, "descriptors", descriptors)
 
     def to_aml_bytes(self) -> bytes:
         """A Buffer holding the descriptors and a checksummed end tag."""
@@ -714,7 +913,7 @@ class ResourceTemplate:
 
 def hid(value: str) -> Name:
     """``Name(_HID, ...)``: an EISA id for ``AAA####`` names, otherwise a string (ACPI0013)."""
-    if re.fullmatch(r"[A-Z]{3}[0-9A-F]{4}", value):
+    if _is_eisa_id(value):
         return Name("_HID", EisaId(value))
     return Name("_HID", String(value))
 
