@@ -9,7 +9,7 @@ equality, hashing, ``repr``, copying and the refusal to assign come from here, d
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 
 class Frozen:
@@ -51,3 +51,13 @@ class Frozen:
 
     def __reduce__(self) -> tuple[type[Frozen], tuple[Any, ...]]:
         return (type(self), self._values())
+
+
+_F = TypeVar("_F", bound=Frozen)
+
+
+def replace(value: _F, /, **changes: Any) -> _F:
+    """A copy of ``value`` with some fields changed, as ``dataclasses.replace`` makes one."""
+    fields = dict(zip(value._field_names, value._values(), strict=True))
+    fields.update(changes)
+    return type(value)(**fields)

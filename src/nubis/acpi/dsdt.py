@@ -17,9 +17,9 @@ nubis guest has that the OS cannot find otherwise:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.acpi.aml import (
     Aml,
     AmlTerm,
@@ -75,14 +75,20 @@ PCI_DEVICE_IO_START: Final = 0x0D00
 PCI_DEVICE_IO_END: Final = 0xFFFF
 
 
-@dataclass(frozen=True)
-class GedConfig:
+class GedConfig(Frozen):
     """A Generic Event Device: its one-byte status register's MMIO address and its GSI."""
+
+    __slots__ = ("gsi", "mmio_address")
 
     mmio_address: int
     gsi: int
 
-    def __post_init__(self) -> None:
+    def __init__(self, mmio_address: int, gsi: int) -> None:
+        object.__setattr__(self, "mmio_address", mmio_address)
+        object.__setattr__(self, "gsi", gsi)
+        self._check()
+
+    def _check(self) -> None:
         if not 0 <= self.mmio_address < layout.FIRST_ADDR_PAST_32BITS:
             raise AcpiError(f"GED register address {self.mmio_address:#x} is not 32-bit")
         if not 0 <= self.gsi < 1 << 32:

@@ -8,9 +8,9 @@ RSDP → XSDT → {FADT → DSDT, MADT, MCFG} (ACPI 6.4 section 5.2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.acpi.dsdt import GedConfig, build_dsdt
 from nubis.acpi.errors import AcpiError
 from nubis.acpi.fadt import build_fadt
@@ -26,16 +26,26 @@ __all__ = ["TABLE_ALIGNMENT", "AcpiConfig", "AcpiError", "create_acpi_tables"]
 TABLE_ALIGNMENT: Final = 16
 
 
-@dataclass(frozen=True)
-class AcpiConfig:
+class AcpiConfig(Frozen):
     """What the ACPI tables describe: vCPUs, the 64-bit PCI window and an optional GED."""
+
+    __slots__ = ("ged", "mem64_size", "mem64_start", "num_vcpus")
 
     num_vcpus: int
     mem64_start: int
     mem64_size: int
-    ged: GedConfig | None = None
+    ged: GedConfig | None
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, num_vcpus: int, mem64_start: int, mem64_size: int, ged: GedConfig | None = None
+    ) -> None:
+        object.__setattr__(self, "num_vcpus", num_vcpus)
+        object.__setattr__(self, "mem64_start", mem64_start)
+        object.__setattr__(self, "mem64_size", mem64_size)
+        object.__setattr__(self, "ged", ged)
+        self._check()
+
+    def _check(self) -> None:
         if not 1 <= self.num_vcpus <= MAX_VCPUS:
             raise AcpiError(f"ACPI tables describe 1 to {MAX_VCPUS} vCPUs, not {self.num_vcpus}")
         if self.mem64_size <= 0 or self.mem64_start < layout.FIRST_ADDR_PAST_32BITS:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import bisect
 import enum
 import threading
-from dataclasses import dataclass
 from typing import Final
+
+from nubis._frozen import Frozen
 
 __all__ = ["AddressAllocator", "AllocPolicy", "AllocatorError", "ExactMatch"]
 
@@ -34,11 +35,15 @@ class AllocPolicy(enum.Enum):
     LAST_MATCH = "last"
 
 
-@dataclass(frozen=True, slots=True)
-class ExactMatch:
+class ExactMatch(Frozen):
     """Allocate at exactly ``address``, or fail."""
 
+    __slots__ = ("address",)
+
     address: int
+
+    def __init__(self, address: int) -> None:
+        object.__setattr__(self, "address", address)
 
 
 class AddressAllocator:

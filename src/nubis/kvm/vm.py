@@ -8,8 +8,8 @@ import ctypes
 import errno
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from nubis._frozen import Frozen
 from nubis.kvm import bindings as b
 from nubis.kvm import ioctls as io
 from nubis.kvm.error import KvmError, ioctl_struct, kvm_ioctl
@@ -20,23 +20,36 @@ __all__ = ["IrqRoute", "IrqchipRoute", "MsiRoute", "VmFd"]
 PAGE_SIZE = 4096
 
 
-@dataclass(frozen=True)
-class IrqchipRoute:
+class IrqchipRoute(Frozen):
     """Route ``gsi`` to ``pin`` of in-kernel irqchip ``irqchip`` (KVM_IRQCHIP_*)."""
+
+    __slots__ = ("gsi", "irqchip", "pin")
 
     gsi: int
     irqchip: int
     pin: int
 
+    def __init__(self, gsi: int, irqchip: int, pin: int) -> None:
+        object.__setattr__(self, "gsi", gsi)
+        object.__setattr__(self, "irqchip", irqchip)
+        object.__setattr__(self, "pin", pin)
 
-@dataclass(frozen=True)
-class MsiRoute:
+
+class MsiRoute(Frozen):
     """Route ``gsi`` to an MSI message (64-bit ``address``, ``data``)."""
+
+    __slots__ = ("address", "data", "devid", "gsi")
 
     gsi: int
     address: int
     data: int
-    devid: int | None = None
+    devid: int | None
+
+    def __init__(self, gsi: int, address: int, data: int, devid: int | None = None) -> None:
+        object.__setattr__(self, "gsi", gsi)
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "devid", devid)
 
 
 IrqRoute = IrqchipRoute | MsiRoute

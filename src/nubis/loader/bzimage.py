@@ -11,9 +11,9 @@ describes. The setup header is returned so the zero-page configurator can hand i
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64 import layout
 from nubis.loader.bootproto import (
     BOOT_FLAG,
@@ -36,9 +36,10 @@ DEFAULT_SETUP_SECTS: Final = 4  # boot.rst: "If this field is 0, the real value 
 ENTRY_64_OFFSET: Final = 0x200  # boot.rst: the 64-bit entry is at the load address + 0x200
 
 
-@dataclass(frozen=True)
-class BzImageLoadResult:
+class BzImageLoadResult(Frozen):
     """Where a bzImage's protected-mode kernel landed, and its setup header."""
+
+    __slots__ = ("entry_64", "header", "kernel_end", "load_addr")
 
     header: SetupHeader
     """The setup header as read from the file, for the zero page."""
@@ -48,6 +49,12 @@ class BzImageLoadResult:
     """The 64-bit entry point: ``load_addr + 0x200``."""
     kernel_end: int
     """First address past all memory the kernel may use before it reads the memory map."""
+
+    def __init__(self, header: SetupHeader, load_addr: int, entry_64: int, kernel_end: int) -> None:
+        object.__setattr__(self, "header", header)
+        object.__setattr__(self, "load_addr", load_addr)
+        object.__setattr__(self, "entry_64", entry_64)
+        object.__setattr__(self, "kernel_end", kernel_end)
 
 
 def _setup_sects(header: SetupHeader) -> int:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import ctypes
 import itertools
 import struct
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64 import layout
 from nubis.loader.errors import LoaderError
 from nubis.loader.kernelfile import KernelFile, file_size, read_at, read_into_guest
@@ -93,9 +93,10 @@ ELF_NOTE_HEADER: Final = struct.Struct("<III")
 """``Elf64_Nhdr``: namesz, descsz, type; name and descriptor follow, each padded to 4 bytes."""
 
 
-@dataclass(frozen=True)
-class ElfLoadResult:
+class ElfLoadResult(Frozen):
     """Where an ELF kernel landed: its physical footprint and entry points."""
+
+    __slots__ = ("entry_64", "kernel_end", "kernel_start", "pvh_entry")
 
     kernel_start: int
     """Lowest guest physical address written."""
@@ -105,6 +106,14 @@ class ElfLoadResult:
     """``e_entry``: the 64-bit boot protocol entry point."""
     pvh_entry: int | None
     """The 32-bit PVH entry from the Xen ELF note, or ``None`` if the kernel has none."""
+
+    def __init__(
+        self, kernel_start: int, kernel_end: int, entry_64: int, pvh_entry: int | None
+    ) -> None:
+        object.__setattr__(self, "kernel_start", kernel_start)
+        object.__setattr__(self, "kernel_end", kernel_end)
+        object.__setattr__(self, "entry_64", entry_64)
+        object.__setattr__(self, "pvh_entry", pvh_entry)
 
 
 def _align4(value: int) -> int:

@@ -10,9 +10,9 @@ as PVH module 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64 import layout
 from nubis.loader.errors import LoaderError
 from nubis.loader.kernelfile import KernelFile, file_size, read_into_guest
@@ -24,12 +24,17 @@ DEFAULT_INITRD_ADDR_MAX: Final = layout.MEM_32BIT_RESERVED_START - 1
 """The highest initramfs byte address when the kernel states no limit (ELF/PVH boot)."""
 
 
-@dataclass(frozen=True)
-class InitramfsLoadResult:
+class InitramfsLoadResult(Frozen):
     """Where the initramfs landed."""
+
+    __slots__ = ("addr", "size")
 
     addr: int
     size: int
+
+    def __init__(self, addr: int, size: int) -> None:
+        object.__setattr__(self, "addr", addr)
+        object.__setattr__(self, "size", size)
 
 
 def load_initramfs(

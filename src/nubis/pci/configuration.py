@@ -21,8 +21,9 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from dataclasses import dataclass, replace
 from typing import Final
+
+from nubis._frozen import Frozen, replace
 
 __all__ = [
     "BAR_COUNT",
@@ -100,29 +101,49 @@ class BarKind(enum.Enum):
     MEMORY64 = "memory64"
 
 
-@dataclass(frozen=True, slots=True)
-class PciBar:
+class PciBar(Frozen):
     """One BAR of a function: its index, size in bytes, kind, prefetchable flag and address.
 
     ``address`` is where the BAR currently decodes on the MMIO bus (0 until it is assigned).
     """
 
+    __slots__ = ("address", "index", "kind", "prefetchable", "size")
+
     index: int
     size: int
     kind: BarKind
-    prefetchable: bool = False
-    address: int = 0
+    prefetchable: bool
+    address: int
+
+    def __init__(
+        self, index: int, size: int, kind: BarKind, prefetchable: bool = False, address: int = 0
+    ) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "prefetchable", prefetchable)
+        object.__setattr__(self, "address", address)
 
 
-@dataclass(frozen=True, slots=True)
-class BarReprogramming:
+class BarReprogramming(Frozen):
     """The driver wrote a new address into BAR ``index``: move ``[old, old + size)`` to ``new``."""
+
+    __slots__ = ("index", "kind", "new_address", "old_address", "size")
 
     index: int
     old_address: int
     new_address: int
     size: int
     kind: BarKind
+
+    def __init__(
+        self, index: int, old_address: int, new_address: int, size: int, kind: BarKind
+    ) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "old_address", old_address)
+        object.__setattr__(self, "new_address", new_address)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "kind", kind)
 
 
 def _is_power_of_two(value: int) -> bool:

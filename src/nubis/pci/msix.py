@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Final, Protocol
+
+from nubis._frozen import Frozen
 
 __all__ = [
     "MSIX_CAPABILITY",
@@ -62,13 +63,19 @@ class MsiInterruptRouter(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class MsixVector:
+class MsixVector(Frozen):
     """One table entry as the driver programmed it."""
+
+    __slots__ = ("address", "data", "masked")
 
     address: int
     data: int
     masked: bool
+
+    def __init__(self, address: int, data: int, masked: bool) -> None:
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "masked", masked)
 
 
 class MsixConfig:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from nubis._frozen import Frozen
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
@@ -69,17 +70,23 @@ class VirtioInterrupt(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ActivatedQueue:
+class ActivatedQueue(Frozen):
     """One queue handed to a device at activation: the ring state and its notification eventfd.
 
     ``notify_fd`` becomes readable when the driver notifies the queue (an ioeventfd the transport
     registered with KVM); the device's worker waits on it with epoll and reads it to clear it.
     """
 
+    __slots__ = ("index", "notify_fd", "queue")
+
     index: int
     queue: Queue
     notify_fd: int
+
+    def __init__(self, index: int, queue: Queue, notify_fd: int) -> None:
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "queue", queue)
+        object.__setattr__(self, "notify_fd", notify_fd)
 
 
 class VirtioDevice(Protocol):

@@ -33,9 +33,9 @@ import enum
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, Protocol
 
+from nubis._frozen import Frozen
 from nubis.kvm import KvmError, SystemEventType, VcpuFd
 from nubis.kvm.bindings import ExitReason, InternalErrorSuberror
 from nubis.kvm.exits import (
@@ -104,36 +104,53 @@ class VcpuStateError(RuntimeError):
     """A control request is not valid in the vCPU's current state."""
 
 
-@dataclass(frozen=True)
-class VcpuEvent:
+class VcpuEvent(Frozen):
     """Something a vCPU reports to the VMM; the vCPU thread has ended when it is delivered."""
+
+    __slots__ = ("vcpu_id",)
 
     vcpu_id: int
 
+    def __init__(self, vcpu_id: int) -> None:
+        object.__setattr__(self, "vcpu_id", vcpu_id)
 
-@dataclass(frozen=True)
+
 class GuestPowerOff(VcpuEvent):
     """The guest powered the machine off (KVM system event SHUTDOWN)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class GuestReset(VcpuEvent):
     """The guest asked for a reset (system event RESET) or triple-faulted; ``reason`` says which."""
 
+    __slots__ = ("reason",)
+
     reason: str
 
+    def __init__(self, vcpu_id: int, reason: str) -> None:
+        super().__init__(vcpu_id)
+        object.__setattr__(self, "reason", reason)
 
-@dataclass(frozen=True)
+
 class GuestHalted(VcpuEvent):
     """The guest executed HLT with no in-kernel irqchip to wake it: it can never run again."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class VcpuFailure(VcpuEvent):
     """The vCPU cannot continue: ``message`` is one sentence, ``registers`` a register dump."""
 
+    __slots__ = ("message", "registers")
+
     message: str
     registers: str
+
+    def __init__(self, vcpu_id: int, message: str, registers: str) -> None:
+        super().__init__(vcpu_id)
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "registers", registers)
 
 
 def _ignore_kick(signum: int, frame: object) -> None:

@@ -34,9 +34,9 @@ from and to ``struct kvm_cpuid_entry2``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
 from typing import Final
 
+from nubis._frozen import Frozen, replace
 from nubis.kvm import bindings
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX: Final = bindings.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
@@ -79,9 +79,10 @@ VENDOR_AMD: Final = b"AuthenticAMD"
 VENDOR_HYGON: Final = b"HygonGenuine"
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
+class CpuidEntry(Frozen):
     """One CPUID leaf/subleaf as KVM describes it (``struct kvm_cpuid_entry2``)."""
+
+    __slots__ = ("eax", "ebx", "ecx", "edx", "flags", "function", "index")
 
     function: int
     index: int
@@ -90,6 +91,17 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    def __init__(
+        self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int, edx: int
+    ) -> None:
+        object.__setattr__(self, "function", function)
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "flags", flags)
+        object.__setattr__(self, "eax", eax)
+        object.__setattr__(self, "ebx", ebx)
+        object.__setattr__(self, "ecx", ecx)
+        object.__setattr__(self, "edx", edx)
 
 
 def from_kvm(entries: Iterable[bindings.kvm_cpuid_entry2]) -> list[CpuidEntry]:

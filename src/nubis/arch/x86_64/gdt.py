@@ -24,9 +24,9 @@ The IDT is a single zero gate: the guest starts with interrupts disabled and ins
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Final
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64.layout import BOOT_GDT_MAX_ENTRIES
 
 # Descriptor "flags" values as a 16-bit pair: the access byte in bits 0-7 and the flags nibble
@@ -78,13 +78,27 @@ def encode_descriptor(flags: int, base: int, limit: int) -> int:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(Frozen):
     """A segment register's hidden part, field for field the ``struct kvm_segment`` of KVM.
 
     ``limit`` is the byte-granular limit the processor caches (already scaled when ``g`` is
     set), as ``KVM_SET_SREGS`` expects it.
     """
+
+    __slots__ = (
+        "avl",
+        "base",
+        "db",
+        "dpl",
+        "g",
+        "l",
+        "limit",
+        "present",
+        "s",
+        "selector",
+        "type",
+        "unusable",
+    )
 
     base: int
     limit: int
@@ -98,6 +112,34 @@ class Segment:
     g: int
     avl: int
     unusable: int
+
+    def __init__(
+        self,
+        base: int,
+        limit: int,
+        selector: int,
+        type: int,
+        present: int,
+        dpl: int,
+        db: int,
+        s: int,
+        l: int,  # noqa: E741 - named so in struct kvm_segment
+        g: int,
+        avl: int,
+        unusable: int,
+    ) -> None:
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "limit", limit)
+        object.__setattr__(self, "selector", selector)
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "present", present)
+        object.__setattr__(self, "dpl", dpl)
+        object.__setattr__(self, "db", db)
+        object.__setattr__(self, "s", s)
+        object.__setattr__(self, "l", l)
+        object.__setattr__(self, "g", g)
+        object.__setattr__(self, "avl", avl)
+        object.__setattr__(self, "unusable", unusable)
 
     @classmethod
     def from_descriptor(cls, index: int, descriptor: int) -> Segment:
@@ -123,11 +165,15 @@ class Segment:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class BootGdt:
+class BootGdt(Frozen):
     """The four boot descriptors (null, code, data, TSS) and the segments they load."""
 
+    __slots__ = ("descriptors",)
+
     descriptors: tuple[int, int, int, int]
+
+    def __init__(self, descriptors: tuple[int, int, int, int]) -> None:
+        object.__setattr__(self, "descriptors", descriptors)
 
     @property
     def code(self) -> Segment:

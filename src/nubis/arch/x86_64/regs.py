@@ -23,9 +23,9 @@ same descriptors it runs with.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Final, Protocol
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64 import gdt, paging
 from nubis.arch.x86_64.layout import (
     BOOT_GDT_START,
@@ -53,17 +53,23 @@ class BootProtocol(enum.Enum):
     PVH = "pvh"
 
 
-@dataclass(frozen=True, slots=True)
-class BootEntry:
+class BootEntry(Frozen):
     """Where the kernel starts and where its boot information lies.
 
     ``boot_info`` is the zero page (``struct boot_params``) for ``LINUX64`` and the
     ``struct hvm_start_info`` for ``PVH``.
     """
 
+    __slots__ = ("boot_info", "entry", "protocol")
+
     protocol: BootProtocol
     entry: int
     boot_info: int
+
+    def __init__(self, protocol: BootProtocol, entry: int, boot_info: int) -> None:
+        object.__setattr__(self, "protocol", protocol)
+        object.__setattr__(self, "entry", entry)
+        object.__setattr__(self, "boot_info", boot_info)
 
     @classmethod
     def linux64(cls, entry: int, zero_page: int = ZERO_PAGE_START) -> BootEntry:

@@ -17,9 +17,9 @@ irqchip, KVM creates them waiting for INIT and SIPI (``KVM_MP_STATE_UNINITIALIZE
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+from nubis._frozen import Frozen
 from nubis.arch.x86_64 import cpuid, lapic, msr, regs
 from nubis.arch.x86_64.cpuid import CpuidEntry
 from nubis.arch.x86_64.regs import BootEntry
@@ -51,13 +51,24 @@ class KvmSystem(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class CpuPolicyBase:
+class CpuPolicyBase(Frozen):
     """What KVM offers every vCPU of a VM, read once from ``/dev/kvm``."""
+
+    __slots__ = ("msr_indices", "supported_cpuid", "tsc_deadline")
 
     supported_cpuid: tuple[CpuidEntry, ...]
     msr_indices: frozenset[int]
     tsc_deadline: bool
+
+    def __init__(
+        self,
+        supported_cpuid: tuple[CpuidEntry, ...],
+        msr_indices: frozenset[int],
+        tsc_deadline: bool,
+    ) -> None:
+        object.__setattr__(self, "supported_cpuid", supported_cpuid)
+        object.__setattr__(self, "msr_indices", msr_indices)
+        object.__setattr__(self, "tsc_deadline", tsc_deadline)
 
     @classmethod
     def from_kvm(cls, kvm: KvmSystem) -> CpuPolicyBase:
