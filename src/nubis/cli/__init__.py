@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from nubis import __version__
+from nubis._frozen import Frozen
 from nubis.vmm.config import (
     ConfigError,
     ConsoleConfig,
@@ -112,7 +112,7 @@ def parse_memory(text: str) -> MemoryConfig:
     """``--memory size=SIZE[,shared=on]``."""
     values = split_options(text, "--memory")
     _known("--memory", values, ("size", "shared"))
-    size = parse_size(values["size"], "--memory size") if "size" in values else MemoryConfig.size
+    size = parse_size(values["size"], "--memory size") if "size" in values else MemoryConfig().size
     shared = _bool("--memory", "shared", values["shared"]) if "shared" in values else False
     return MemoryConfig(size=size, shared=shared)
 
@@ -154,7 +154,7 @@ def parse_rng(text: str) -> RngConfig:
     """``--rng src=PATH``."""
     values = split_options(text, "--rng")
     _known("--rng", values, ("src",))
-    return RngConfig(src=values.get("src", RngConfig.src))
+    return RngConfig(src=values.get("src", RngConfig().src))
 
 
 def parse_console(text: str, option: str) -> ConsoleConfig:
@@ -182,15 +182,30 @@ def parse_path_option(text: str, option: str) -> str:
     return values["path"]
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(Frozen):
     """How to run the VMM process, beyond the VM's own configuration."""
 
-    no_reboot: bool = False
-    verbosity: int = 0
-    log_file: str | None = None
-    api_socket: str | None = None
-    event_monitor: str | None = None
+    __slots__ = ("api_socket", "event_monitor", "log_file", "no_reboot", "verbosity")
+
+    no_reboot: bool
+    verbosity: int
+    log_file: str | None
+    api_socket: str | None
+    event_monitor: str | None
+
+    def __init__(
+        self,
+        no_reboot: bool = False,
+        verbosity: int = 0,
+        log_file: str | None = None,
+        api_socket: str | None = None,
+        event_monitor: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "no_reboot", no_reboot)
+        object.__setattr__(self, "verbosity", verbosity)
+        object.__setattr__(self, "log_file", log_file)
+        object.__setattr__(self, "api_socket", api_socket)
+        object.__setattr__(self, "event_monitor", event_monitor)
 
 
 class _Parser(argparse.ArgumentParser):
