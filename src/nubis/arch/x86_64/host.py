@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
+
+from nubis._frozen import Frozen
 
 NESTED_HOST_HINT: Final = (
     "use the nested test host (a Linux VM under QEMU TCG with emulated SVM, see nubis.testbed)"
@@ -36,9 +36,10 @@ class KvmKind(enum.Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class HostKvm:
+class HostKvm(Frozen):
     """The result of ``detect_host_kvm``: what /dev/kvm is here and what it can run."""
+
+    __slots__ = ("can_run_linux", "dev_kvm_accessible", "dev_kvm_present", "kind", "reason")
 
     dev_kvm_present: bool
     dev_kvm_accessible: bool
@@ -46,10 +47,25 @@ class HostKvm:
     can_run_linux: bool
     reason: str
 
+    def __init__(
+        self,
+        dev_kvm_present: bool,
+        dev_kvm_accessible: bool,
+        kind: KvmKind,
+        can_run_linux: bool,
+        reason: str,
+    ) -> None:
+        object.__setattr__(self, "dev_kvm_present", dev_kvm_present)
+        object.__setattr__(self, "dev_kvm_accessible", dev_kvm_accessible)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "can_run_linux", can_run_linux)
+        object.__setattr__(self, "reason", reason)
 
-def _cpu_flags(proc_root: Path) -> set[str]:
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
     try:
-        text = (proc_root / "cpuinfo").read_text(encoding="utf-8", errors="replace")
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            text = file.read()
     except OSError:
         return set()
     for line in text.splitlines():
@@ -68,10 +84,10 @@ def detect_host_kvm(
 
     ``reason`` is one sentence, suitable as an error message when ``can_run_linux`` is false.
     """
-    proc = Path(proc_root)
-    sysfs = Path(sys_root)
-    dev = Path(dev_kvm)
-    present = dev.exists()
+    cpuinfo = os.path.join(os.fspath(proc_root), "cpuinfo")
+    modules = os.path.join(os.fspath(sys_root), "module")
+    dev = os.fspath(dev_kvm)
+    present = os.path.exists(dev)
     accessible = present and os.access(dev, os.R_OK | os.W_OK)
     if not present:
         return HostKvm(
@@ -81,7 +97,7 @@ def detect_host_kvm(
             False,
             f"this host has no {dev}, so it cannot run virtual machines; {NESTED_HOST_HINT}",
         )
-    if (sysfs / "module" / "kvm_pvm").exists():
+    if os.path.exists(os.path.join(modules, "kvm_pvm")):
         return HostKvm(
             True,
             accessible,
@@ -90,10 +106,10 @@ def detect_host_kvm(
             f"this host's {dev} is PVM (kvm_pvm), which cannot run an unmodified Linux "
             f"kernel; {NESTED_HOST_HINT}",
         )
-    flags = _cpu_flags(proc)
-    if "vmx" in flags or (sysfs / "module" / "kvm_intel").exists():
+    flags = _cpu_flags(cpuinfo)
+    if "vmx" in flags or os.path.exists(os.path.join(modules, "kvm_intel")):
         kind = KvmKind.VMX
-    elif "svm" in flags or (sysfs / "module" / "kvm_amd").exists():
+    elif "svm" in flags or os.path.exists(os.path.join(modules, "kvm_amd")):
         kind = KvmKind.SVM
     else:
         return HostKvm(
@@ -102,7 +118,7 @@ def detect_host_kvm(
             KvmKind.UNKNOWN,
             False,
             f"this host's {dev} is neither VMX nor SVM (no vmx or svm flag in "
-            f"{proc / 'cpuinfo'}), so it may not run an unmodified Linux kernel; "
+            f"{cpuinfo}), so it may not run an unmodified Linux kernel; "
             f"{NESTED_HOST_HINT}",
         )
     if not accessible:
