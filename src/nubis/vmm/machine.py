@@ -291,6 +291,26 @@ class Machine:
             if config.console.mode is ConsoleMode.TTY and interactive:
                 self._terminal = TerminalInput(_feeder(console))
             devices.append(("_console", console))
+        if config.net:
+            # Imported only when needed: a VM without network pays nothing for it at start.
+            from nubis.virtio.net import Net
+            from nubis.vmm.tap import generate_mac, open_tap
+        for index, net in enumerate(config.net):
+            pairs = net.num_queues // 2
+            tap = open_tap(
+                net.tap,
+                queue_pairs=pairs,
+                ip=net.ip,
+                mask=net.mask,
+                host_mac=net.host_mac,
+                mtu=net.mtu,
+            )
+            self._closers.append(tap.close)
+            mac = net.mac or generate_mac()
+            device = Net(
+                tap, mac=mac, mtu=net.mtu, num_queues=net.num_queues, name=f"net:{tap.name}"
+            )
+            devices.append((net.id or f"_net{index}", device))
         return devices
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -107,6 +107,13 @@ def guest_offloads_to_tun(features: int) -> int:
     return flags
 
 
+def generate_mac() -> str:
+    """A random locally administered unicast MAC address for a guest that was given none."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
 def _ifname(name: str) -> bytes:
     raw = name.encode()
     if len(raw) > TAP_NAME_MAX:
