@@ -19,6 +19,7 @@ Exit status of ``nubis`` running a VM:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -208,6 +209,40 @@ class RunOptions(Frozen):
         object.__setattr__(self, "event_monitor", event_monitor)
 
 
+def _terminal_columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` finds it: $COLUMNS, stdout, 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    if sys.__stdout__ is None:
+        return 80
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, which otherwise imports shutil (and with it bz2, lzma) for the width.
+
+    argparse builds a formatter for every ``add_argument``, so this is on the start path.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
@@ -217,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for running a VM (``nubis --kernel ...``)."""
     parser = _Parser(
         prog="nubis",
+        formatter_class=_HelpFormatter,
         description="A lightweight virtual machine monitor on KVM. Subcommands: "
         "'nubis demo' boots a default guest, 'nubis image build' builds guest images.",
         epilog="Exit status: 0 guest powered off or VMM stopped cleanly, 1 failure, 2 bad input, "
