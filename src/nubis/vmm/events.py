@@ -20,7 +20,6 @@ because its observer did. :class:`NullEventMonitor` is the monitor when none is 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -60,6 +59,8 @@ def format_event(
     elapsed_ns: int, source: str, event: str, properties: Mapping[str, str] | None = None
 ) -> str:
     """One event record as a line of JSON (newline included)."""
+    import json  # only with --event-monitor; json is not free to import at start
+
     secs, nanos = divmod(max(elapsed_ns, 0), 1_000_000_000)
     record = {
         "timestamp": {"secs": secs, "nanos": nanos},
