@@ -20,8 +20,8 @@ import enum
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from nubis._frozen import Frozen
 from nubis.acpi.dsdt import GedConfig
 from nubis.acpi.tables import AcpiConfig, create_acpi_tables
 from nubis.arch.x86_64 import layout
@@ -38,6 +38,7 @@ from nubis.devices.serial import Serial16550
 from nubis.kvm import Kvm, VmFd
 from nubis.kvm.bindings import kvm_clock_data
 from nubis.loader.bootparams import configure_boot_params
+from nubis.loader.bootproto import SetupHeader
 from nubis.loader.bzimage import load_bzimage
 from nubis.loader.cmdline import Cmdline
 from nubis.loader.elf import load_elf
@@ -74,23 +75,43 @@ class ExitKind(enum.Enum):
     FAILURE = "failure"
 
 
-@dataclass(frozen=True)
-class MachineExit:
+class MachineExit(Frozen):
     """What ended a machine; ``message`` explains a failure (one sentence plus registers)."""
 
+    __slots__ = ("kind", "message")
+
     kind: ExitKind
-    message: str = ""
+    message: str
+
+    def __init__(self, kind: ExitKind, message: str = "") -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "message", message)
 
 
-@dataclass(frozen=True)
-class KernelEntry:
+class KernelEntry(Frozen):
     """Where the kernel landed and how to enter it."""
+
+    __slots__ = ("boot", "cmdline_capacity", "initrd_addr_max", "kernel_end", "setup_header")
 
     boot: BootEntry
     kernel_end: int
     initrd_addr_max: int
     cmdline_capacity: int
-    setup_header: object | None
+    setup_header: SetupHeader | None
+
+    def __init__(
+        self,
+        boot: BootEntry,
+        kernel_end: int,
+        initrd_addr_max: int,
+        cmdline_capacity: int,
+        setup_header: SetupHeader | None,
+    ) -> None:
+        object.__setattr__(self, "boot", boot)
+        object.__setattr__(self, "kernel_end", kernel_end)
+        object.__setattr__(self, "initrd_addr_max", initrd_addr_max)
+        object.__setattr__(self, "cmdline_capacity", cmdline_capacity)
+        object.__setattr__(self, "setup_header", setup_header)
 
 
 def kernel_format(path: str) -> str:
@@ -205,7 +226,7 @@ class Machine:
                 memory_map=memory_map,  # type: ignore[arg-type]
                 cmdline=cmdline,
                 cmdline_addr=layout.CMDLINE_START,
-                setup_header=entry.setup_header,  # type: ignore[arg-type]
+                setup_header=entry.setup_header,
                 initramfs=initramfs,
                 rsdp_addr=rsdp,
             )
