@@ -44,7 +44,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmw_vsock_virtio_transport",
 )
 #: Loaded when the kernel builds them as modules, skipped when built in.
-GUEST_OPTIONAL_MODULES: tuple[str, ...] = ("button",)
+GUEST_OPTIONAL_MODULES: tuple[str, ...] = ("evdev", "button")
 #: The kernel's COMMAND_LINE_SIZE on x86 (arch/x86/include/asm/setup.h), including the NUL.
 COMMAND_LINE_SIZE = 2048
 ENDINGS = ("poweroff", "shell", "exit", "hang")

@@ -24,6 +24,11 @@
 #   NUBIS-EXIT-STATUS=<n>           the command finished with status n
 #   NUBIS-POWEROFF / NUBIS-SHELL / NUBIS-INIT-EXIT / NUBIS-HANG
 #                                   the chosen ending is about to happen
+#   NUBIS-POWER-BUTTON              the ACPI power button was pressed; NUBIS-POWEROFF follows
+#
+# When the kernel offers input event devices (the ACPI button driver's power button, through
+# evdev), init starts busybox acpid before running the command, as a distribution with acpid or
+# systemd-logind would: a power button press syncs the disks and powers the guest off at once.
 #
 # Markers go to /dev/console, the device console= names, so they never depend on /dev/kmsg or
 # the kernel's log level. When console=hvc0 the console only exists once virtio_console is
@@ -123,6 +128,27 @@ if [ -n "$root" ] && [ "$stage" = initramfs ]; then
     fi
     say "NUBIS-ROOT-FAILED=$root"
 fi
+
+start_acpid() {
+    # busybox acpid reads /dev/input/event*, maps KEY_POWER to the event PWRF and runs the
+    # program PWRF/00000080 in its configuration directory (in /run, which both stages share).
+    [ -e /dev/input/event0 ] || return 0
+    conf=/run/nubis-acpi
+    mkdir -p "$conf/PWRF"
+    echo "EV_KEY 01 KEY_POWER 116 1 button/power PWRF 00000080" >"$conf/acpi.map"
+    echo "PWRF PWRF/00000080" >"$conf/acpid.conf"
+    printf '%s\n' '#!/bin/sh' \
+        'echo NUBIS-POWER-BUTTON >/dev/console' \
+        'sync' \
+        'mount -o remount,ro / 2>/dev/null' \
+        'sync' \
+        'echo NUBIS-POWEROFF >/dev/console' \
+        'poweroff -f' >"$conf/PWRF/00000080"
+    chmod 0755 "$conf/PWRF/00000080"
+    acpid -d -c "$conf" -a "$conf/acpid.conf" -M "$conf/acpi.map" -p "$conf/acpid.pid" \
+        </dev/null >"$conf/acpid.log" 2>&1 &
+}
+start_acpid
 
 status=""
 if [ -n "$cmd_b64" ]; then
