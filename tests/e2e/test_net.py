@@ -314,9 +314,9 @@ def test_tcp_transfers_both_ways_arrive_intact(
     The guest stages its data from /dev/urandom in its tmpfs and sends it with busybox ``nc`` to
     the driver, which hashes what arrives; then it reads the driver's staged data with ``nc``
     and hashes that. 16 MiB rather than 256 MiB: in the nested test host (everything emulated by
-    TCG, and shared with other tests) 16 MiB took 53 s guest to host (0.3 MiB/s; busybox ``nc``
-    writes 1 KiB at a time) and 5.4 s host to guest (3 MiB/s), so 256 MiB would take about a
-    quarter of an hour; the throughput is printed (``-s`` shows it) for comparison.
+    TCG, and shared with other tests) 16 MiB took from 5 s to 53 s in either direction over
+    three runs (0.3 to 3.3 MiB/s), so 256 MiB could take a quarter of an hour each way; the
+    throughput is printed (``-s`` shows it) for comparison.
     """
     size = TRANSFER_MIB * MIB
     command = GUEST_FUNCTIONS + (
