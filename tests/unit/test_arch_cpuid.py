@@ -209,3 +209,21 @@ def test_amd_cache_topology_sharing(num_vcpus: int) -> None:
         assert caches[i].eax & 0x3FFF == original.eax & 0x3FFF
         assert caches[i].eax >> 26 == original.eax >> 26  # no cores field on AMD
     assert caches[3].eax == 0
+
+
+def test_no_nested_virtualization_is_offered() -> None:
+    entries = [
+        *supported(cpuid.VENDOR_AMD),
+        CpuidEntry(0x8000_0001, 0, 0, 0, 0, 0x0000_0005 | cpuid.ECX_SVM, 0),
+        CpuidEntry(0x8000_000A, 0, 0, 1, 0x8000, 0, 0x1FF),
+    ]
+    leaf1 = find(supported(cpuid.VENDOR_INTEL), 0x1)
+    assert leaf1 is not None
+    with_vmx = [CpuidEntry(0x1, 0, 0, leaf1.eax, leaf1.ebx, leaf1.ecx | cpuid.ECX_VMX, leaf1.edx)]
+    intel = find(vcpu_cpuid(with_vmx, 0, 1, tsc_deadline=True), 0x1)
+    assert intel is not None and not intel.ecx & cpuid.ECX_VMX
+    result = vcpu_cpuid(entries, 0, 1, tsc_deadline=True)
+    extended = find(result, 0x8000_0001)
+    svm = find(result, 0x8000_000A)
+    assert extended is not None and extended.ecx == 0x5
+    assert svm is not None and (svm.eax, svm.ebx, svm.ecx, svm.edx) == (0, 0, 0, 0)

@@ -26,6 +26,7 @@ from nubis.acpi.dsdt import GedConfig
 from nubis.acpi.tables import AcpiConfig, create_acpi_tables
 from nubis.arch.x86_64 import layout
 from nubis.arch.x86_64.regs import BootEntry, BootProtocol
+from nubis.arch.x86_64.reset_vector import RESET_VECTOR, reset_vector_code
 from nubis.arch.x86_64.vcpu import configure_vcpus
 from nubis.devices.acpi_pm import AcpiPmDevice
 from nubis.devices.bus import Bus
@@ -207,6 +208,7 @@ class Machine:
                 ged=GedConfig(layout.GED_MMIO_START, layout.IRQ_GED),
             ),
         )
+        self.memory.write(RESET_VECTOR, reset_vector_code())
         initramfs = self._load_initramfs(entry)
         cmdline = Cmdline(entry.cmdline_capacity)
         if self.config.payload.cmdline:

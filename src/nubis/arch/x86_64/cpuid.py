@@ -49,6 +49,8 @@ LEAF_EXTENDED_TOPOLOGY: Final = 0xB
 LEAF_EXTENDED_TOPOLOGY_V2: Final = 0x1F
 LEAF_HYPERVISOR_SIGNATURE: Final = 0x4000_0000
 LEAF_KVM_FEATURES: Final = 0x4000_0001
+LEAF_EXTENDED_FEATURES: Final = 0x8000_0001
+LEAF_SVM: Final = 0x8000_000A
 LEAF_ADVANCED_POWER_MANAGEMENT: Final = 0x8000_0007
 LEAF_ADDRESS_SIZES: Final = 0x8000_0008
 LEAF_AMD_CACHE_TOPOLOGY: Final = 0x8000_001D
@@ -60,6 +62,8 @@ ECX_EIST: Final = 1 << 7
 ECX_TM2: Final = 1 << 8
 ECX_TSC_DEADLINE: Final = 1 << 24
 ECX_HYPERVISOR: Final = 1 << 31
+ECX_VMX: Final = 1 << 5  # leaf 1: Intel VMX
+ECX_SVM: Final = 1 << 2  # leaf 0x80000001: AMD SVM
 EDX_MTRR: Final = 1 << 12
 EDX_ACPI: Final = 1 << 22
 EDX_HTT: Final = 1 << 28
@@ -172,7 +176,9 @@ def _adjust(
     f = e.function
     if f == LEAF_FEATURES:
         ebx = (e.ebx & EBX_CLFLUSH_MASK) | (vcpu_id & 0xFF) << 24 | min(num_vcpus, 0xFF) << 16
-        ecx = (e.ecx | ECX_HYPERVISOR) & ~(ECX_EIST | ECX_TM2)
+        # No nested virtualization: without VMX/SVM a Linux guest also skips disabling them
+        # on other CPUs by NMI before an emergency restart, which hangs its panic reboot.
+        ecx = (e.ecx | ECX_HYPERVISOR) & ~(ECX_EIST | ECX_TM2 | ECX_VMX)
         ecx = ecx | ECX_TSC_DEADLINE if tsc_deadline else ecx & ~ECX_TSC_DEADLINE
         edx = e.edx & ~(EDX_ACPI | EDX_TM)
         edx = edx | EDX_HTT if num_vcpus > 1 else edx & ~EDX_HTT
@@ -191,6 +197,10 @@ def _adjust(
     if f == LEAF_HYPERVISOR_SIGNATURE:
         ebx, ecx, edx = _signature_registers()
         return replace(e, eax=max(e.eax, LEAF_KVM_FEATURES), ebx=ebx, ecx=ecx, edx=edx)
+    if f == LEAF_EXTENDED_FEATURES:
+        return replace(e, ecx=e.ecx & ~ECX_SVM)
+    if f == LEAF_SVM:
+        return replace(e, eax=0, ebx=0, ecx=0, edx=0)
     if f == LEAF_ADVANCED_POWER_MANAGEMENT:
         return replace(e, edx=e.edx & EDX_INVARIANT_TSC)
     if f == LEAF_ADDRESS_SIZES and amd:
