@@ -37,6 +37,7 @@ from nubis.virtio.net import (
     VIRTIO_NET_OK,
     VIRTIO_NET_S_LINK_UP,
     VNET_HDR,
+    FdBackend,
     Net,
 )
 
@@ -450,6 +451,44 @@ def test_backend_hears_offloads_and_queue_steering(memory: GuestMemory, two_fds:
         activate(driver, BASIC | 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4)
         assert backend.offloads == [1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4]
         assert backend.queues == [(0, True), (1, False)]
+    finally:
+        net.shutdown()
+        driver.close()
+
+
+class SwitchableBackend(FdBackend):
+    """A plain-file backend whose host side can be switched down and up, like a tap's IFF_UP."""
+
+    def __init__(self, fds: list[int]) -> None:
+        super().__init__(fds)
+        self.up = True
+
+    def is_up(self) -> bool:
+        return self.up
+
+
+def test_host_side_down_and_up_follow_the_link(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    backend = SwitchableBackend([pair[0].fileno()])
+    net = Net(backend, mac=MAC)
+    driver = MockDriver(net, memory)
+    activate(driver, BASIC | 1 << VIRTIO_NET_F_STATUS)
+    config_events = lambda: driver.interrupt.events.count((InterruptKind.CONFIG, 0))  # noqa: E731
+    try:
+        driver.queues[0].add_chain(writable=[2048])
+        driver.notify(0)
+        backend.up = False
+        driver.interrupt.wait_until(lambda: config_events() >= 1)
+        assert not net.link_up
+        backend.up = True
+        driver.interrupt.wait_until(lambda: config_events() >= 2)
+        assert net.link_up
+        assert CONFIG.unpack(net.config_bytes())[1] & VIRTIO_NET_S_LINK_UP
+        # Frames flow again once the link is back.
+        pair[1].send(header() + b"f" * 60)
+        driver.wait_used(0, 1)
+        assert net.counters()["rx_frames"] == 1
     finally:
         net.shutdown()
         driver.close()

@@ -23,7 +23,10 @@ number with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET on the controlq; pairs beyond it are
 the tap (``NetBackend.set_queue_enabled``) so the kernel does not steer frames to them.
 
 Link status (VIRTIO_NET_F_STATUS): up while the backend works; an error or end of file on a
-backend file (the tap was deleted) takes the link down and raises a configuration interrupt.
+backend file (the tap was deleted) takes the link down and raises a configuration interrupt. A
+backend that can tell whether its host side is up (a tap's IFF_UP, ``is_up``) is watched by a
+small thread twice a second; a change reaches the worker through an eventfd, which brings the
+link down or back up and raises a configuration interrupt each time.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from nubis.virtio.device import (
@@ -209,6 +213,12 @@ class Net(QueueDevice):
         self.mtu = mtu
         self.max_pairs = pairs
         self.link_up = True
+        self._link_fd: int | None = (
+            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            if getattr(self.backend, "is_up", None) is not None
+            else None
+        )
+        self._link_watch: tuple[threading.Event, threading.Thread] | None = None
         self.active_pairs = 1
         self._ctrl_index: int | None = None
         self._stash: list[collections.deque[_RxChain]] = [collections.deque() for _ in range(pairs)]
@@ -317,6 +327,62 @@ class Net(QueueDevice):
             super().activate(memory, interrupt, [enabled[i] for i in range(count)])
         finally:
             self._queue_max_sizes = saved
+        self._start_link_watch()
+
+    # --- host-side link state -----------------------------------------------------------------
+
+    _LINK_POLL_SECONDS = 0.5
+
+    def _start_link_watch(self) -> None:
+        is_up: Callable[[], bool] | None = getattr(self.backend, "is_up", None)
+        if is_up is None or self._link_fd is None:
+            return
+        stop = threading.Event()
+        fd = self._link_fd
+
+        def watch() -> None:
+            last = is_up()
+            while not stop.wait(self._LINK_POLL_SECONDS):
+                now = is_up()
+                if now != last:
+                    last = now
+                    os.eventfd_write(fd, 1)
+
+        self._link_watch = (
+            stop,
+            threading.Thread(target=watch, name=f"{self.name}-link", daemon=True),
+        )
+        self._link_watch[1].start()
+
+    def _stop_link_watch(self) -> None:
+        watch, self._link_watch = self._link_watch, None
+        if watch is not None:
+            watch[0].set()
+            watch[1].join(timeout=2.0)
+
+    def _link_changed(self) -> None:
+        """Worker callback: the host side of the backend went up or down."""
+        assert self._link_fd is not None
+        try:
+            os.eventfd_read(self._link_fd)
+        except BlockingIOError:
+            return
+        is_up: Callable[[], bool] | None = getattr(self.backend, "is_up", None)
+        up = bool(is_up()) if is_up is not None else True
+        if not up:
+            self._link_down(None, "the host side of the tap is down")
+            return
+        if self.link_up or self.failed:
+            return
+        self.link_up = True
+        _log.info("%s: the host side of the tap is up; the link is up", self.name)
+        for pair in range(self.active_pairs):
+            self._set_polling(self._worker, pair, True)
+        interrupt = self.interrupt
+        if interrupt is not None and self._has(VIRTIO_NET_F_STATUS):
+            interrupt.trigger(InterruptKind.CONFIG)
+        for pair in range(self.active_pairs):
+            self._receive(pair)
 
     def _frame_budget(self) -> int:
         """The most bytes (header included) one received frame can need, given the offloads."""
@@ -335,6 +401,8 @@ class Net(QueueDevice):
         self._polling = [False] * self.max_pairs
         for pair in range(self.active_pairs):
             self._set_polling(worker, pair, True)
+        if self._link_fd is not None:
+            worker.add_fd(self._link_fd, self._link_changed)
 
     def _set_polling(self, worker: Worker | None, pair: int, on: bool) -> None:
         # Removed rather than masked: epoll reports hang-ups even for an empty event mask.
@@ -493,13 +561,16 @@ class Net(QueueDevice):
             queue.add_used(memory, head, take)
         return len(spans)
 
-    def _link_down(self, exc: OSError | None) -> None:
-        """The backend is gone: report the link down once and stop reading it."""
+    def _link_down(self, exc: OSError | None, why: str | None = None) -> None:
+        """The backend is gone or down: report the link down once and stop reading it."""
         if not self.link_up:
             return
         self.link_up = False
-        reason = "it reached end of file" if exc is None else os.strerror(exc.errno or 0)
-        _log.error("%s: the backend failed (%s); the link is down", self.name, reason)
+        if why is not None:
+            _log.info("%s: %s; the link is down", self.name, why)
+        else:
+            reason = "it reached end of file" if exc is None else os.strerror(exc.errno or 0)
+            _log.error("%s: the backend failed (%s); the link is down", self.name, reason)
         worker = self._worker
         for pair in range(self.max_pairs):
             self._set_polling(worker, pair, False)
@@ -557,6 +628,7 @@ class Net(QueueDevice):
 
     def on_reset(self) -> None:
         """Give back chains held for receive, forget the pair count and the negotiated offloads."""
+        self._stop_link_watch()
         self._release_stash()
         self.active_pairs = 1
         self._ctrl_index = None
@@ -564,7 +636,11 @@ class Net(QueueDevice):
 
     def on_shutdown(self) -> None:
         """Release held receive buffers (the backend files belong to the caller)."""
+        self._stop_link_watch()
         self._release_stash()
+        if self._link_fd is not None:
+            os.close(self._link_fd)
+            self._link_fd = None
 
     def _release_stash(self) -> None:
         for stash in self._stash:

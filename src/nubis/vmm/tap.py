@@ -160,6 +160,19 @@ class Tap:
         self.created = created
         self._closed = False
 
+    def is_up(self) -> bool:
+        """Whether the host side of the tap is administratively up (SIOCGIFFLAGS: IFF_UP).
+
+        False as well when the tap is gone. virtio-net polls this to report link changes.
+        """
+        raw = self.name.encode()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                answer = fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, IFREQ_FLAGS.pack(raw, 0))
+        except OSError:
+            return False
+        return bool(IFREQ_FLAGS.unpack(answer)[1] & IFF_UP)
+
     @property
     def multi_queue(self) -> bool:
         """Whether the tap has one queue per file (IFF_MULTI_QUEUE)."""
