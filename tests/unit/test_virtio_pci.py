@@ -127,7 +127,10 @@ class Harness:
         self.memory = GuestMemory([(0, 1 << 20)])
         self.router = RecordingRouter()
         self.ioevents = RecordingIoEvents()
-        self.transport = VirtioPciDevice(self.device, self.memory, self.router, self.ioevents)
+        self.events: list[str] = []
+        self.transport = VirtioPciDevice(
+            self.device, self.memory, self.router, self.ioevents, self.events.append
+        )
         self.transport.assign_bar(0, BAR0)
         self.pci_bus = PciBus()
         self.slot = self.pci_bus.add_device(self.transport)
@@ -781,3 +784,11 @@ def test_fuzzed_bar0_and_config_accesses(
     for fd in h.transport.notify_fds:
         with pytest.raises(BlockingIOError):
             os.eventfd_read(fd)
+
+
+def test_activation_and_reset_are_reported(h: Harness) -> None:
+    assert h.events == []
+    bring_up(h)
+    assert h.events == ["activated"]
+    common_write(h, "device_status", 0)
+    assert h.events == ["activated", "reset"]

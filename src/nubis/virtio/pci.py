@@ -36,7 +36,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 from nubis.pci.configuration import BarKind, BarReprogramming, PciBar, PciConfiguration
@@ -211,7 +211,10 @@ class VirtioPciDevice:
         memory: GuestMemory,
         msi_router: MsiInterruptRouter,
         ioevents: IoEventRegistrar,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_event`` hears ``"activated"`` and ``"reset"`` (for the VMM's event monitor)."""
+        self._on_event = on_event
         max_sizes = list(device.queue_max_sizes)
         if not 1 <= len(max_sizes) <= MAX_QUEUES:
             raise ValueError(
@@ -665,10 +668,14 @@ class VirtioPciDevice:
             self.set_needs_reset()
             return
         self._activated = True
+        if self._on_event is not None:
+            self._on_event("activated")
 
     def _reset(self) -> None:
         if self._status:
             self.device.reset()
+            if self._on_event is not None:
+                self._on_event("reset")
         self._activated = False
         for queue in self._queues:
             queue.reset()

@@ -57,6 +57,7 @@ from nubis.virtio.pci import VirtioPciDevice
 from nubis.virtio.rng import Rng
 from nubis.vmm.config import MAX_CMDLINE_SIZE, ConsoleMode, VmConfig
 from nubis.vmm.console import FdOutput, TerminalInput, open_output
+from nubis.vmm.events import EventMonitor
 from nubis.vmm.interrupts import GsiRouting, KvmIoEvents, MsiVectors
 from nubis.vmm.vcpu import GuestHalted, GuestPowerOff, GuestReset, Vcpu, VcpuEvent, VcpuFailure
 
@@ -159,8 +160,10 @@ class Machine:
         on_exit: Callable[[MachineExit], None],
         *,
         interactive: bool = True,
+        events: EventMonitor | None = None,
     ) -> None:
         self.config = config
+        self._events = events
         self._on_exit = on_exit
         self._exit_lock = threading.Lock()
         self._exited = False
@@ -289,12 +292,20 @@ class Machine:
         for device_id, device in self._virtio_devices(interactive):
             vectors = MsiVectors(self.vm, routing, len(device.queue_max_sizes) + 1)
             self._closers.append(vectors.close)
-            transport = VirtioPciDevice(device, self.memory, vectors, ioevents)
+            transport = VirtioPciDevice(
+                device, self.memory, vectors, ioevents, self._device_event_sink(device_id)
+            )
             self._closers.append(transport.close)
             self._closers.append(device.shutdown)
             mapper.map_device(transport)
             self.pci_bus.add_device(transport)
             self.virtio_devices[device_id] = device
+
+    def _device_event_sink(self, device_id: str) -> Callable[[str], None] | None:
+        events = self._events
+        if events is None:
+            return None
+        return lambda event: events.device(event, device_id)
 
     def _virtio_devices(self, interactive: bool) -> list[tuple[str, VirtioDevice]]:
         config = self.config

@@ -88,7 +88,11 @@ class Vmm:
         self.events.vm("booting")
         try:
             machine = Machine(
-                kvm, self._config, self._inbox.put, interactive=self.options.api_socket is None
+                kvm,
+                self._config,
+                self._inbox.put,
+                interactive=self.options.api_socket is None,
+                events=self.events,
             )
         except (LoaderError, GuestMemoryError, ConfigError) as error:
             raise BootError(str(error), EXIT_BAD_INPUT) from None
