@@ -70,11 +70,13 @@ done </etc/nubis/modules
 
 work=""
 ctl=""
+keep=""
 set -f
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         nubis.work=*) work=$(echo "${arg#nubis.work=}" | base64 -d) ;;
         nubis.ctl=*) ctl=$(echo "${arg#nubis.ctl=}" | base64 -d) ;;
+        nubis.keep=*) keep="$keep $(echo "${arg#nubis.keep=}" | base64 -d)" ;;
     esac
 done
 set +f
@@ -91,7 +93,14 @@ mount -t sysfs sysfs /host/sys || fail "mount-sys"
 mount -t devtmpfs devtmpfs /host/dev || fail "mount-dev"
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 mount -t tmpfs tmpfs /host/dev/shm 2>/dev/null
+# The host's /tmp is hidden by a fresh tmpfs, except the directories named by nubis.keep
+# (a nubis checkout or virtual environment under /tmp), bound back from the host share.
+mkdir -p /hosttmp
+mount --bind /host/tmp /hosttmp || fail "bind-host-tmp"
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "mount-tmp"
+for dir in $keep; do
+    mkdir -p "/host$dir" && mount --bind "/hosttmp/${dir#/tmp/}" "/host$dir" || fail "keep-$dir"
+done
 mount -t tmpfs -o mode=0755 tmpfs /host/run 2>/dev/null
 mount -t 9p -o "$opts" work "/host$work" || fail "mount-work-share"
 mount -t 9p -o "$opts" ctl "/host$ctl" || fail "mount-ctl-share"

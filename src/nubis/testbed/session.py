@@ -198,6 +198,28 @@ class _Backend:
         return ""
 
 
+def paths_under_tmp() -> list[str]:
+    """Top-level directories of /tmp that commands need in L1: this checkout, the interpreter's
+    virtual environment and the working directory, when they live there.
+
+    L1 mounts a fresh tmpfs on /tmp, which would hide a clone of nubis under /tmp (as a CI
+    checkout may be); the agent binds these directories back from the host's /tmp.
+    """
+    import sys
+
+    import nubis
+
+    keep: list[str] = []
+    for path in (os.path.dirname(nubis.__file__), sys.prefix, os.getcwd()):
+        real = os.path.realpath(path)
+        parts = real.split("/")
+        if len(parts) > 2 and parts[1] == "tmp":
+            top = "/tmp/" + parts[2]
+            if top not in keep:
+                keep.append(top)
+    return keep
+
+
 def _escape_qemu(value: str) -> str:
     return value.replace(",", ",,")
 
@@ -250,6 +272,10 @@ class _NestedBackend(_Backend):
                 "quiet",
                 "nubis.work=" + base64.b64encode(str(self.workdir).encode()).decode(),
                 "nubis.ctl=" + base64.b64encode(str(self.ctl).encode()).decode(),
+                *(
+                    "nubis.keep=" + base64.b64encode(path.encode()).decode()
+                    for path in paths_under_tmp()
+                ),
             ]
         )
         share = "security_model=none,multidevs=remap"
