@@ -564,6 +564,7 @@ class TestbedSession:
             self._backend = _DirectBackend()
             self.description = f"commands run directly on this machine ({self.host.reason})"
         else:
+            self._nested_args = (memory_mib, cpus, boot_timeout)
             self._backend = _NestedBackend(self.cache, self.workdir, memory_mib, cpus, boot_timeout)
             self.description = (
                 f"commands run in the nested test host, an L1 Linux under QEMU TCG with emulated "
@@ -623,7 +624,26 @@ class TestbedSession:
             raise TestbedError("The testbed session is closed.")
         self.start()
         directory = str(cwd) if cwd is not None else str(self.workdir)
-        return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
+        try:
+            return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
+        except CommandTimeoutError:
+            raise
+        except TestbedError:
+            backend = self._backend
+            if not isinstance(backend, _NestedBackend) or backend.broken in (None, "closed"):
+                raise
+            # L1 itself failed (its kernel crashed or it wedged under emulation), not the command:
+            # boot a fresh L1 and give the command one more run there, so one broken L1 does not
+            # fail every command after it.
+            log.warning(
+                "testbed: the nested test host failed (%s); booting a fresh one and running "
+                "the command again",
+                backend.broken,
+            )
+            backend.close()
+            self._backend = _NestedBackend(self.cache, self.workdir, *self._nested_args)
+            self._backend.start()
+            return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
 
     def close(self) -> None:
         """Shut the testbed down (power L1 off, killing it if it does not stop in time)."""
