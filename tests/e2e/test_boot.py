@@ -26,7 +26,9 @@ RunGuest = Callable[..., Any]  # the run_guest fixture, returning a GuestRun
 
 BOOT_TIMEOUT = 180.0
 REBOOT_TIMEOUT = 300.0
-KERNEL_LOG_TIMEOUT = 240.0
+KERNEL_LOG_TIMEOUT = (
+    600.0  # every byte of a verbose boot log is a UART exit through the emulated nested host
+)
 CLOCK_TOLERANCE = 10.0
 MEMORY_BY_VCPUS = {1: 256, 2: 384}
 
