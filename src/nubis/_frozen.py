@@ -9,7 +9,9 @@ equality, hashing, ``repr``, copying and the refusal to assign come from here, d
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, TypeVar
 
 
 class Frozen:
@@ -53,7 +55,8 @@ class Frozen:
         return (type(self), self._values())
 
 
-_F = TypeVar("_F", bound=Frozen)
+if TYPE_CHECKING:
+    _F = TypeVar("_F", bound=Frozen)
 
 
 def replace(value: _F, /, **changes: Any) -> _F:

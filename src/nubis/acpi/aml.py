@@ -14,10 +14,14 @@ expected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Protocol, TypeAlias
 
 from nubis._frozen import Frozen
+from nubis._typing import Protocol
 from nubis.acpi.errors import AcpiError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final, TypeAlias
 
 __all__ = [
     "ONE",

@@ -17,8 +17,6 @@ nubis guest has that the OS cannot find otherwise:
 
 from __future__ import annotations
 
-from typing import Final
-
 from nubis._frozen import Frozen
 from nubis.acpi.aml import (
     Aml,
@@ -55,6 +53,10 @@ from nubis.acpi.aml import (
 from nubis.acpi.errors import AcpiError
 from nubis.acpi.sdt import finish_table, new_header
 from nubis.arch.x86_64 import layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "DSDT_REVISION",

@@ -12,10 +12,13 @@ VGA is not.
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.acpi.sdt import SdtHeader, finish_table, new_header
 from nubis.arch.x86_64 import layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "FADT_MINOR_REVISION",

@@ -10,11 +10,14 @@ local APIC per vCPU (APIC id = vCPU index, section 5.2.12.2), KVM's in-kernel IO
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.acpi.errors import AcpiError
 from nubis.acpi.sdt import SdtHeader, finish_table, new_header
 from nubis.arch.x86_64 import layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "LAPIC_ENABLED",

@@ -9,10 +9,13 @@ per PCI segment group. nubis has one segment (0) whose ECAM window starts at
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.acpi.sdt import finish_table, new_header
 from nubis.arch.x86_64 import layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["MCFG_REVISION", "McfgAllocation", "build_mcfg"]
 

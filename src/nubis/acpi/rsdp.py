@@ -8,9 +8,12 @@ nubis has no RSDT; the RSDT address stays zero and guests use ``XsdtAddress``.
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.acpi.sdt import OEM_ID, checksum
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["RSDP_REVISION", "RSDP_SIGNATURE", "Rsdp", "build_rsdp"]
 

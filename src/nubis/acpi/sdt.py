@@ -9,9 +9,12 @@ Tables in nubis are built as bytes: a fixed part declared as a ctypes structure 
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.acpi.errors import AcpiError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "CREATOR_ID",

@@ -8,8 +8,6 @@ RSDP → XSDT → {FADT → DSDT, MADT, MCFG} (ACPI 6.4 section 5.2).
 
 from __future__ import annotations
 
-from typing import Final
-
 from nubis._frozen import Frozen
 from nubis.acpi.dsdt import GedConfig, build_dsdt
 from nubis.acpi.errors import AcpiError
@@ -20,6 +18,10 @@ from nubis.acpi.rsdp import build_rsdp
 from nubis.acpi.xsdt import build_xsdt
 from nubis.arch.x86_64 import layout
 from nubis.memory import GuestMemory, GuestMemoryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["TABLE_ALIGNMENT", "AcpiConfig", "AcpiError", "create_acpi_tables"]
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
 
 from nubis.acpi.sdt import finish_table, new_header
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["XSDT_REVISION", "build_xsdt"]
 

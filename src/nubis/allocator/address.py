@@ -15,9 +15,12 @@ from __future__ import annotations
 import bisect
 import enum
 import threading
-from typing import Final
 
 from nubis._frozen import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["AddressAllocator", "AllocPolicy", "AllocatorError", "ExactMatch"]
 

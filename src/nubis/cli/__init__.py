@@ -18,10 +18,10 @@ Exit status of ``nubis`` running a VM:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 from nubis import __version__
 from nubis._frozen import Frozen
@@ -38,6 +38,11 @@ from nubis.vmm.config import (
     VmConfig,
     parse_size,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -225,87 +230,138 @@ def _terminal_columns() -> int:
         return 80
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, which otherwise imports shutil (and with it bz2, lzma) for the width.
+# The options that take one value: (option, default, metavar, help). build_parser and the fast
+# path of parse_args both read this table, so they cannot disagree on a name or a default.
+_VALUE_OPTIONS: tuple[tuple[str, str | None, str | None, str], ...] = (
+    ("--kernel", None, None, "kernel to boot: an ELF vmlinux (PVH entry) or a bzImage"),
+    ("--initramfs", None, None, "initramfs (cpio archive) for the kernel"),
+    ("--cmdline", "", None, "kernel command line"),
+    ("--cpus", "boot=1", None, "boot=N: number of vCPUs (default boot=1)"),
+    ("--memory", "size=512M", None, "size=SIZE[,shared=on] (default size=512M)"),
+    ("--rng", "src=/dev/urandom", None, "virtio-rng: src=PATH, or 'off'"),
+    ("--serial", "tty", None, "16550 serial port: off|null|tty|file=PATH (default tty)"),
+    ("--console", "off", None, "virtio-console hvc0: off|null|tty|file=PATH (default off)"),
+    ("--api-socket", None, None, "serve the REST API on this Unix socket: path=PATH"),
+    ("--event-monitor", None, None, "write one JSON event per line to path=PATH"),
+    ("--log-file", None, None, "write the log here instead of standard error"),
+)
+# The options that take one or more values and add up over repetitions.
+_LIST_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    (
+        "--disk",
+        "path=FILE,...",
+        "virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME][,serial=STR]",
+    ),
+    (
+        "--net",
+        "tap=NAME,...",
+        "virtio-net device: tap=NAME,ip=ADDR,mask=MASK,mac=MAC,mtu=N,num_queues=N,id=NAME",
+    ),
+)
 
-    argparse builds a formatter for every ``add_argument``, so this is on the start path.
-    """
 
-    def __init__(
-        self,
-        prog: str,
-        indent_increment: int = 2,
-        max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:
-        if width is None:
-            width = _terminal_columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for running a VM (``nubis --kernel ...``)."""
-    parser = _Parser(
+    import argparse
+
+    class HelpFormatter(argparse.HelpFormatter):
+        """argparse's formatter, which otherwise imports shutil (and bz2, lzma) for the width."""
+
+        def __init__(
+            self,
+            prog: str,
+            indent_increment: int = 2,
+            max_help_position: int = 24,
+            width: int | None = None,
+        ) -> None:
+            if width is None:
+                width = _terminal_columns() - 2
+            super().__init__(prog, indent_increment, max_help_position, width)
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(message)
+
+    parser = Parser(
         prog="nubis",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="A lightweight virtual machine monitor on KVM. Subcommands: "
         "'nubis demo' boots a default guest, 'nubis image build' builds guest images.",
         epilog="Exit status: 0 guest powered off or VMM stopped cleanly, 1 failure, 2 bad input, "
         "3 guest reset with --no-reboot.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"nubis {__version__}")
-    parser.add_argument("--kernel", help="kernel to boot: an ELF vmlinux (PVH entry) or a bzImage")
-    parser.add_argument("--initramfs", help="initramfs (cpio archive) for the kernel")
-    parser.add_argument("--cmdline", default="", help="kernel command line")
-    parser.add_argument("--cpus", default="boot=1", help="boot=N: number of vCPUs (default boot=1)")
-    parser.add_argument(
-        "--memory", default="size=512M", help="size=SIZE[,shared=on] (default size=512M)"
-    )
-    parser.add_argument(
-        "--disk",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="path=FILE,...",
-        help="virtio-blk disk: path=FILE[,readonly=on][,direct=on][,id=NAME][,serial=STR]",
-    )
-    parser.add_argument(
-        "--net",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="tap=NAME,...",
-        help="virtio-net device: tap=NAME,ip=ADDR,mask=MASK,mac=MAC,mtu=N,num_queues=N,id=NAME",
-    )
-    parser.add_argument("--rng", default="src=/dev/urandom", help="virtio-rng: src=PATH, or 'off'")
-    parser.add_argument(
-        "--serial", default="tty", help="16550 serial port: off|null|tty|file=PATH (default tty)"
-    )
-    parser.add_argument(
-        "--console", default="off", help="virtio-console hvc0: off|null|tty|file=PATH (default off)"
-    )
+    for option, default, metavar, help_text in _VALUE_OPTIONS[:5]:
+        parser.add_argument(option, default=default, metavar=metavar, help=help_text)
+    for option, metavar, help_text in _LIST_OPTIONS:
+        parser.add_argument(
+            option, action="extend", nargs="+", default=[], metavar=metavar, help=help_text
+        )
+    for option, default, metavar, help_text in _VALUE_OPTIONS[5:8]:
+        parser.add_argument(option, default=default, metavar=metavar, help=help_text)
     parser.add_argument(
         "--no-reboot",
         action="store_true",
         help="exit (status 3) when the guest resets instead of rebooting it",
     )
-    parser.add_argument("--api-socket", help="serve the REST API on this Unix socket: path=PATH")
-    parser.add_argument("--event-monitor", help="write one JSON event per line to path=PATH")
+    for option, default, metavar, help_text in _VALUE_OPTIONS[8:10]:
+        parser.add_argument(option, default=default, metavar=metavar, help=help_text)
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
     )
-    parser.add_argument("--log-file", help="write the log here instead of standard error")
+    for option, default, metavar, help_text in _VALUE_OPTIONS[10:]:
+        parser.add_argument(option, default=default, metavar=metavar, help=help_text)
     return parser
+
+
+def _parse_simple(argv: Sequence[str]) -> dict[str, Any] | None:
+    """What argparse would make of ``argv``, for the plain spellings only; None for the rest.
+
+    Importing argparse (with re and gettext) is a good part of nubis's start, and a command line
+    written as ``--option value`` with whole option names needs none of it. Anything else (an
+    abbreviation, ``--option=value``, a value starting with ``-``, ``--help``, an error) returns
+    None, and argparse parses the command line, with its own messages.
+    """
+    values: dict[str, Any] = {_dest(o): default for o, default, _, _ in _VALUE_OPTIONS}
+    values.update({_dest(o): [] for o, _, _ in _LIST_OPTIONS})
+    values["no_reboot"] = False
+    values["verbose"] = 0
+    value_options = {o: _dest(o) for o, _, _, _ in _VALUE_OPTIONS}
+    list_options = {o: _dest(o) for o, _, _ in _LIST_OPTIONS}
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        if arg == "--no-reboot":
+            values["no_reboot"] = True
+        elif arg in ("-v", "--verbose"):
+            values["verbose"] += 1
+        elif arg in value_options:
+            if index == len(argv) or argv[index].startswith("-"):
+                return None
+            values[value_options[arg]] = argv[index]
+            index += 1
+        elif arg in list_options:
+            items = []
+            while index < len(argv) and not argv[index].startswith("-"):
+                items.append(argv[index])
+                index += 1
+            if not items:
+                return None
+            values[list_options[arg]] = values[list_options[arg]] + items
+        else:
+            return None
+    return values
 
 
 def parse_args(argv: Sequence[str]) -> tuple[VmConfig | None, RunOptions]:
     """Parse a VM command line; the config is None when no kernel is given (API-only start)."""
-    args = build_parser().parse_args(list(argv))
+    simple = _parse_simple(argv)
+    args = SimpleNamespace(**simple) if simple is not None else build_parser().parse_args(argv)
     options = RunOptions(
         no_reboot=args.no_reboot,
         verbosity=args.verbose,
@@ -358,4 +414,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from nubis.vmm.runner import run
 
-    return run(config, options)
+    status = run(config, options)
+    if argv is None:
+        _exit_process(status)
+    return status
+
+
+def _exit_process(status: int) -> NoReturn:
+    """End the ``nubis`` process with ``status`` once its output is flushed.
+
+    Every thread nubis leaves behind is a daemon and nothing registers an exit handler but
+    logging, so this is what the interpreter's own exit would do, minus tearing down some hundred
+    modules one by one: tens of milliseconds of a VMM's exit.
+    """
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            status = 120  # what the interpreter exits with when flushing standard output fails
+    os._exit(status)

@@ -16,10 +16,9 @@ FADT instead points at three one-byte registers, which nubis places at consecuti
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import Final
 
+from nubis._log import getLogger
 from nubis.arch.x86_64.layout import (
     ACPI_RESET_VALUE,
     ACPI_S5_SLEEP_TYPE,
@@ -28,9 +27,13 @@ from nubis.arch.x86_64.layout import (
     PORT_ACPI_SLEEP_STATUS,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
 __all__ = ["AcpiPmDevice", "sleep_control_value"]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 SLP_TYP_SHIFT: Final = 2
 SLP_TYP_MASK: Final = 0x7 << SLP_TYP_SHIFT

@@ -19,13 +19,18 @@ range but runs past its end is treated the same way.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
-from typing import Final, NamedTuple, Protocol
+
+from nubis._log import DEBUG, getLogger
+from nubis._typing import NamedTuple, Protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["Bus", "BusDevice", "BusError", "BusRange"]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 _ALL_ONES: Final = b"\xff" * 64
 
@@ -175,7 +180,7 @@ class Bus:
         size = len(data)
         data[:] = _ALL_ONES[:size] if size <= len(_ALL_ONES) else b"\xff" * size
         self.unmapped_reads += 1
-        if _log.isEnabledFor(logging.DEBUG):
+        if _log.isEnabledFor(DEBUG):
             _log.debug("%s bus: unmapped read of %d bytes at %#x", self.name, size, addr)
         return False
 
@@ -190,6 +195,6 @@ class Bus:
                 device.write(base, offset, data)
                 return True
         self.unmapped_writes += 1
-        if _log.isEnabledFor(logging.DEBUG):
+        if _log.isEnabledFor(DEBUG):
             _log.debug("%s bus: dropped write of %s at %#x", self.name, bytes(data).hex(), addr)
         return False

@@ -12,15 +12,16 @@ record list stops growing at ``max_records`` and further writes are only counted
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
+from nubis._log import getLogger
+
 __all__ = ["DebugPort", "process_start_time"]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 _STAT_START_TIME_FIELD = 21  # /proc/<pid>/stat field 22 (proc(5)), counted after the comm field
 

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import collections
 import enum
-import logging
 import threading
 from collections.abc import Callable
-from typing import Final
 
+from nubis._log import DEBUG, getLogger
 from nubis.devices.interrupt import Trigger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["I8042", "Command", "Ctr", "Status"]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 _DATA_PORT: Final = 0x60
 _COMMAND_PORT: Final = 0x64
@@ -207,7 +210,7 @@ class I8042:
             self._push(self._output_port)
         elif command == Command.PULSE_RESET:
             return True
-        elif _log.isEnabledFor(logging.DEBUG):
+        elif _log.isEnabledFor(DEBUG):
             _log.debug("ignoring unsupported i8042 command %#x", command)
         return False
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Protocol
+
+from nubis._typing import Protocol
+
+TYPE_CHECKING = False
 
 __all__ = ["EventFdTrigger", "Trigger"]
 

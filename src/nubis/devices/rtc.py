@@ -26,7 +26,10 @@ import enum
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["CMOS_SIZE", "CmosRtc", "RtcRegister"]
 

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import collections
 import enum
-import logging
 import threading
-from typing import Final, Protocol
 
+from nubis._log import getLogger
+from nubis._typing import Protocol
 from nubis.devices.interrupt import Trigger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "FIFO_SIZE",
@@ -40,7 +44,7 @@ __all__ = [
     "SerialOutput",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 FIFO_SIZE: Final = 64
 """Receive FIFO capacity. A 16550A has 16 bytes; more lets bursts from the host through."""

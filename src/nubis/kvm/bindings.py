@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from typing import Final
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Final
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 _libc: Final = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl: Final = _libc.ioctl

@@ -12,9 +12,12 @@ command numbers are those of ``include/uapi/linux/kvm.h`` (api.rst section 4 lis
 from __future__ import annotations
 
 import ctypes
-from typing import Final
 
 from nubis.kvm import bindings as b
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 _IOC_NRBITS: Final = 8
 _IOC_TYPEBITS: Final = 8

@@ -24,7 +24,6 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
 
 from nubis.kvm import bindings as b
 from nubis.kvm import ioctls as io
@@ -43,6 +42,10 @@ from nubis.kvm.exits import (
     SystemEvent,
     VcpuExit,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["VcpuFd"]
 

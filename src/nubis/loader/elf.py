@@ -17,13 +17,16 @@ from __future__ import annotations
 import ctypes
 import itertools
 import struct
-from typing import Final
 
 from nubis._frozen import Frozen
 from nubis.arch.x86_64 import layout
 from nubis.loader.errors import LoaderError
 from nubis.loader.kernelfile import KernelFile, file_size, read_at, read_into_guest
 from nubis.memory import GuestMemory
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "EM_X86_64",

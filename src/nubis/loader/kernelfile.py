@@ -8,10 +8,12 @@ straight into guest memory (``GuestMemory.slice``) without an intermediate copy.
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
+from nubis._typing import Protocol
 from nubis.loader.errors import LoaderError
 from nubis.memory import GuestMemory, GuestMemoryError
+
+TYPE_CHECKING = False
 
 __all__ = ["KernelFile", "file_size", "read_at", "read_into_guest"]
 

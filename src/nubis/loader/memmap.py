@@ -10,10 +10,14 @@ of `MemoryMapEntry` and each configurator encodes it in its own layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, NamedTuple
 
+from nubis._typing import NamedTuple
 from nubis.arch.x86_64 import layout
 from nubis.loader.errors import LoaderError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "E820_ACPI",

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import Final
 
 from nubis.arch.x86_64 import layout
 from nubis.loader.errors import LoaderError
-from nubis.loader.initramfs import InitramfsLoadResult
 from nubis.memory import GuestMemory, GuestMemoryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
+    from nubis.loader.initramfs import InitramfsLoadResult
 
 __all__ = [
     "HVM_START_INFO_VERSION",

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import logging
 import mmap
 import os
 import struct
 from collections.abc import Sequence
-from typing import Final, NewType, TypeVar
+
+from nubis._log import getLogger
+from nubis._typing import NewType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final, TypeVar
 
 __all__ = [
     "PAGE_SIZE",
@@ -33,7 +38,7 @@ __all__ = [
     "GuestRegion",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 GuestAddress = NewType("GuestAddress", int)
 """A guest physical address."""
@@ -51,7 +56,8 @@ _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
 
-_S = TypeVar("_S", bound=ctypes.Structure)
+if TYPE_CHECKING:
+    _S = TypeVar("_S", bound=ctypes.Structure)
 
 
 class GuestMemoryError(ValueError):

@@ -19,11 +19,14 @@ The model does no I/O and holds no lock; the owner of the function serialises ac
 from __future__ import annotations
 
 import enum
-import logging
 import struct
-from typing import Final
 
 from nubis._frozen import Frozen, replace
+from nubis._log import DEBUG, getLogger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "BAR_COUNT",
@@ -38,7 +41,7 @@ __all__ = [
     "PciHeaderOffset",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 CONFIG_SPACE_SIZE: Final = 4096
 LEGACY_CONFIG_SPACE_SIZE: Final = 256
@@ -393,7 +396,7 @@ class PciConfiguration:
         """
         size = len(data)
         if not self.access_is_valid(offset, size):
-            if _log.isEnabledFor(logging.DEBUG):
+            if _log.isEnabledFor(DEBUG):
                 _log.debug("dropped config write of %d bytes at %#x", size, offset)
             return None
         regs, wmask = self._regs, self._wmask

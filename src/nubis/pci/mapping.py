@@ -10,8 +10,7 @@ decoding at its old address, and the guest never gets to shadow RAM or another d
 
 from __future__ import annotations
 
-import logging
-
+from nubis._log import getLogger
 from nubis.allocator import AddressAllocator, AllocatorError, AllocPolicy, ExactMatch
 from nubis.arch.x86_64 import layout
 from nubis.devices.bus import Bus, BusError
@@ -20,7 +19,7 @@ from nubis.pci.root import PciDevice
 
 __all__ = ["PciBarAllocator", "PciMmioMapper"]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 
 class PciBarAllocator:

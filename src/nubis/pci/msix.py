@@ -14,12 +14,16 @@ while vCPU threads write the table, so every operation takes one lock.
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
-from typing import Final, Protocol
 
 from nubis._frozen import Frozen
+from nubis._log import DEBUG, getLogger
+from nubis._typing import Protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "MSIX_CAPABILITY",
@@ -31,7 +35,7 @@ __all__ = [
     "MsixVector",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 MSIX_CAP_ID: Final = 0x11
 MSIX_MAX_VECTORS: Final = 2048
@@ -219,7 +223,7 @@ class MsixConfig:
         """Apply a driver write to the table; naturally aligned 1-8 byte accesses only."""
         size = len(data)
         if not self._access_fits(offset, size, self.table_size):
-            if _log.isEnabledFor(logging.DEBUG):
+            if _log.isEnabledFor(DEBUG):
                 _log.debug("dropped MSI-X table write of %d bytes at %#x", size, offset)
             return
         vector = offset // MSIX_ENTRY_SIZE
@@ -246,7 +250,7 @@ class MsixConfig:
     def trigger(self, vector: int) -> None:
         """Fire ``vector``: deliver it now, or set its pending bit while it is masked."""
         if not 0 <= vector < self.num_vectors:
-            if _log.isEnabledFor(logging.DEBUG):
+            if _log.isEnabledFor(DEBUG):
                 _log.debug("dropped MSI-X vector %d outside the table", vector)
             return
         with self._lock:

@@ -19,11 +19,11 @@ range and commits the move on the device.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Sequence
-from typing import Final, Protocol
 
+from nubis._log import getLogger
+from nubis._typing import Protocol
 from nubis.arch.x86_64.layout import PCI_MMCONFIG_SIZE
 from nubis.pci.configuration import (
     LEGACY_CONFIG_SPACE_SIZE,
@@ -31,6 +31,10 @@ from nubis.pci.configuration import (
     PciBar,
     PciConfiguration,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "HOST_BRIDGE_CLASS",
@@ -45,7 +49,7 @@ __all__ = [
     "PciHostBridge",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 NUM_SLOTS: Final = 32
 HOST_BRIDGE_VENDOR_ID: Final = 0x8086

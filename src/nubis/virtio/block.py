@@ -17,13 +17,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import stat
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from nubis._log import getLogger
 from nubis.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -36,7 +36,7 @@ from nubis.virtio.worker import QueueDevice
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 # Feature bits (5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1

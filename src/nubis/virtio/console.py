@@ -14,12 +14,12 @@ character to before the queues work.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import threading
 from typing import Protocol
 
+from nubis._log import getLogger
 from nubis.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -30,7 +30,7 @@ from nubis.virtio.device import (
 from nubis.virtio.queue import DescriptorChain
 from nubis.virtio.worker import QueueDevice, Worker, clear_eventfd
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 # Feature bits (5.3.3).
 VIRTIO_CONSOLE_F_SIZE = 0

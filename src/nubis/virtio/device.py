@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
 
 from nubis._frozen import Frozen
+from nubis._typing import Protocol
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import logging
 import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
+from nubis._log import DEBUG, getLogger
+from nubis._typing import NamedTuple, Protocol
 from nubis.pci.configuration import BarKind, BarReprogramming, PciBar, PciConfiguration
 from nubis.pci.msix import MSIX_MESSAGE_CONTROL_OFFSET, MsiInterruptRouter, MsixConfig
 from nubis.virtio.device import (
@@ -51,6 +51,10 @@ from nubis.virtio.device import (
     VirtioDevice,
 )
 from nubis.virtio.queue import Queue, QueueError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
@@ -67,7 +71,7 @@ __all__ = [
     "VirtioPciDevice",
 ]
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 VIRTIO_PCI_VENDOR_ID: Final = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE: Final = 0x1040
@@ -478,7 +482,7 @@ class VirtioPciDevice:
             self.device.write_config(rel, data)
         elif region in (MSIX_TABLE_OFFSET, MSIX_TABLE_OFFSET + _REGION_SIZE):
             self.msix.write_table(offset - MSIX_TABLE_OFFSET, data)
-        elif _log.isEnabledFor(logging.DEBUG):
+        elif _log.isEnabledFor(DEBUG):
             _log.debug("dropped virtio BAR 0 write of %d bytes at %#x", size, offset)
 
     def _notify(self, rel: int, size: int) -> None:
@@ -550,7 +554,7 @@ class VirtioPciDevice:
     def _common_write(self, rel: int, value: int, size: int) -> None:
         access = _COMMON_ACCESSES.get((rel, size))
         if access is None:
-            if _log.isEnabledFor(logging.DEBUG):
+            if _log.isEnabledFor(DEBUG):
                 _log.debug("dropped common config write of %d bytes at %#x", size, rel)
             return
         name, shift = access
@@ -600,7 +604,7 @@ class VirtioPciDevice:
             case "queue_size":
                 if value and value <= queue.max_size and value & (value - 1) == 0:
                     queue.size = value
-                elif _log.isEnabledFor(logging.DEBUG):
+                elif _log.isEnabledFor(DEBUG):
                     _log.debug(
                         "ignored queue %d size %d: not a power of two up to max", index, value
                     )

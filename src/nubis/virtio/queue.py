@@ -27,7 +27,10 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+
+from nubis._typing import NamedTuple
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory

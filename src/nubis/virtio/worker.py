@@ -17,20 +17,20 @@ nubis itself keeps running.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from nubis._log import getLogger
 from nubis.virtio.device import ActivatedQueue, InterruptKind, VirtioInterrupt
 from nubis.virtio.queue import DescriptorChain, QueueError
 
 if TYPE_CHECKING:
     from nubis.memory import GuestMemory
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 _READABLE = select.EPOLLIN
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Mapping
-from typing import Any, TypeVar
 
 from nubis._frozen import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
 
 MIN_MEMORY_SIZE = 32 << 20
 """Below this a Linux guest cannot boot (kernel, initramfs and page tables do not fit)."""
@@ -82,7 +85,8 @@ def format_size(size: int) -> str:
 
 # -- helpers -------------------------------------------------------------------------------------
 
-_F = TypeVar("_F", bound=Frozen)
+if TYPE_CHECKING:
+    _F = TypeVar("_F", bound=Frozen)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

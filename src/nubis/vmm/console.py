@@ -9,7 +9,6 @@ writer with ``write``/``flush`` and receive input through a callback, so they st
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import sys
@@ -18,9 +17,10 @@ import threading
 import tty
 from collections.abc import Callable
 
+from nubis._log import getLogger
 from nubis.vmm.config import ConsoleConfig, ConsoleMode
 
-_log = logging.getLogger(__name__)
+_log = getLogger(__name__)
 
 
 class NullOutput:

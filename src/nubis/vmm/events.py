@@ -20,13 +20,17 @@ because its observer did. :class:`NullEventMonitor` is the monitor when none is 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import BinaryIO, Final
 
-log = logging.getLogger(__name__)
+from nubis._log import getLogger
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO, Final
+
+log = getLogger(__name__)
 
 SOURCE_VMM: Final = "vmm"
 SOURCE_VM: Final = "vm"

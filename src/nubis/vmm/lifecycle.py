@@ -14,9 +14,13 @@ turns into a 4xx answer; the VM keeps running.
 from __future__ import annotations
 
 import enum
-from typing import Any, Protocol
 
+from nubis._typing import Protocol
 from nubis.vmm.config import VmConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class VmState(enum.Enum):

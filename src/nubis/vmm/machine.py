@@ -17,11 +17,11 @@ difference between a usable and an unusable guest.
 from __future__ import annotations
 
 import enum
-import logging
 import threading
 from collections.abc import Callable
 
 from nubis._frozen import Frozen
+from nubis._log import getLogger, import_logging
 from nubis.acpi.dsdt import GedConfig
 from nubis.acpi.tables import AcpiConfig, create_acpi_tables
 from nubis.arch.x86_64 import layout
@@ -38,30 +38,29 @@ from nubis.devices.rtc import CmosRtc
 from nubis.devices.serial import Serial16550
 from nubis.kvm import Kvm, VmFd
 from nubis.kvm.bindings import kvm_clock_data
-from nubis.loader.bootparams import configure_boot_params
-from nubis.loader.bootproto import SetupHeader
-from nubis.loader.bzimage import load_bzimage
 from nubis.loader.cmdline import Cmdline
 from nubis.loader.elf import load_elf
 from nubis.loader.errors import LoaderError
-from nubis.loader.initramfs import InitramfsLoadResult, load_initramfs
 from nubis.loader.memmap import standard_memory_map
 from nubis.loader.pvh import configure_pvh
 from nubis.memory import GuestMemory
 from nubis.pci.mapping import PciBarAllocator, PciMmioMapper
 from nubis.pci.root import PciBus, PciConfigIo, PciConfigMmio
-from nubis.virtio.block import Block
-from nubis.virtio.console import Console
-from nubis.virtio.device import VirtioDevice
 from nubis.virtio.pci import VirtioPciDevice
-from nubis.virtio.rng import Rng
 from nubis.vmm.config import MAX_CMDLINE_SIZE, ConsoleMode, VmConfig
 from nubis.vmm.console import FdOutput, TerminalInput, open_output
 from nubis.vmm.events import EventMonitor
 from nubis.vmm.interrupts import GsiRouting, KvmIoEvents, MsiVectors
 from nubis.vmm.vcpu import GuestHalted, GuestPowerOff, GuestReset, Vcpu, VcpuEvent, VcpuFailure
 
-_log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nubis.loader.bootproto import SetupHeader
+    from nubis.loader.initramfs import InitramfsLoadResult
+    from nubis.virtio.console import Console
+    from nubis.virtio.device import VirtioDevice
+
+_log = getLogger(__name__)
 
 _ELF_MAGIC = b"\x7fELF"
 _BZIMAGE_MAGIC_OFFSET = 0x202
@@ -226,6 +225,8 @@ class Machine:
                 rsdp_addr=rsdp,
             )
         else:
+            from nubis.loader.bootparams import configure_boot_params
+
             configure_boot_params(
                 self.memory,
                 memory_map=memory_map,  # type: ignore[arg-type]
@@ -308,25 +309,34 @@ class Machine:
         return lambda event: events.device(event, device_id)
 
     def _virtio_devices(self, interactive: bool) -> list[tuple[str, VirtioDevice]]:
+        # Each device model is imported only when the VM has one: start-up pays for what it uses.
         config = self.config
         devices: list[tuple[str, VirtioDevice]] = []
+        if config.disks:
+            from nubis.virtio.block import Block
         for index, disk in enumerate(config.disks):
             block = Block(
                 disk.path, readonly=disk.readonly, direct=disk.direct, serial=disk.serial or disk.id
             )
             devices.append((disk.id or f"_disk{index}", block))
         if config.rng is not None:
+            from nubis.virtio.rng import Rng
+
             devices.append(("_rng", Rng(config.rng.src)))
         output = open_output(config.console)
         if output is not None:
             if isinstance(output, FdOutput):
                 self._closers.append(output.close)
+            from nubis.virtio.console import Console
+
             console = Console(output)
             if config.console.mode is ConsoleMode.TTY and interactive:
                 self._terminal = TerminalInput(_feeder(console))
             devices.append(("_console", console))
         if config.net:
             # Imported only when needed: a VM without network pays nothing for it at start.
+            # The device logs through logging itself.
+            import_logging()
             from nubis.virtio.net import Net
             from nubis.vmm.tap import generate_mac, open_tap
         for index, net in enumerate(config.net):
@@ -368,6 +378,8 @@ class Machine:
                     cmdline_capacity=MAX_CMDLINE_SIZE,
                     setup_header=None,
                 )
+            from nubis.loader.bzimage import load_bzimage
+
             bz = load_bzimage(self.memory, file)
             return KernelEntry(
                 boot=BootEntry.linux64(bz.entry_64),
@@ -383,6 +395,8 @@ class Machine:
         path = self.config.payload.initramfs
         if path is None:
             return None
+        from nubis.loader.initramfs import load_initramfs
+
         with open(path, "rb") as file:
             return load_initramfs(
                 self.memory,

@@ -8,15 +8,13 @@ API thread, serialised by a lock, and validated against :mod:`nubis.vmm.lifecycl
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import signal
 import sys
 import threading
-from typing import Any
 
-from nubis import __version__
+from nubis import __version__, _log
 from nubis.arch.x86_64.host import detect_host_kvm
 from nubis.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_GUEST_RESET, EXIT_OK, RunOptions
 from nubis.kvm import Kvm, KvmError
@@ -28,7 +26,11 @@ from nubis.vmm.lifecycle import InvalidStateError, VmAction, VmState, next_state
 from nubis.vmm.machine import ExitKind, Machine, MachineExit, is_linux_kernel
 from nubis.vmm.vcpu import install_kick_handler
 
-_log = logging.getLogger("nubis")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+_logger = _log.getLogger("nubis")
 
 
 class BootError(RuntimeError):
@@ -131,12 +133,12 @@ class Vmm:
         self._stop_machine()
         api_mode = self.options.api_socket is not None
         if exit_.kind is ExitKind.POWER_OFF:
-            _log.info("the guest powered off")
+            _logger.info("the guest powered off")
             self._state = VmState.SHUTDOWN
             self.events.vm("shutdown")
             return None if api_mode else EXIT_OK
         if exit_.kind is ExitKind.RESET:
-            _log.info("the guest reset (%s)", exit_.message or "reset requested")
+            _logger.info("the guest reset (%s)", exit_.message or "reset requested")
             if self.options.no_reboot:
                 self._state = VmState.SHUTDOWN
                 self.events.vm("shutdown")
@@ -288,7 +290,21 @@ class Vmm:
 
 
 def setup_logging(options: RunOptions) -> None:
-    """Log warnings by default, more with ``-v``; to ``--log-file`` or standard error."""
+    """Log warnings by default, more with ``-v``; to ``--log-file`` or standard error.
+
+    With the defaults nothing is logged until a warning is, so :mod:`logging` is imported (and
+    its handler installed) only then: see :mod:`nubis._log`.
+    """
+    if options.verbosity == 0 and not options.log_file:
+        _log.defer_setup(_log.WARNING, lambda: _install_handler(options))
+    else:
+        _log.import_logging()
+        _install_handler(options)
+
+
+def _install_handler(options: RunOptions) -> None:
+    import logging
+
     level = logging.WARNING if options.verbosity == 0 else logging.INFO
     if options.verbosity >= 2:
         level = logging.DEBUG
@@ -326,6 +342,7 @@ def run(config: VmConfig | None, options: RunOptions) -> int:
     events.vmm("starting")
     try:
         if options.api_socket is not None:
+            _log.import_logging()  # the API server logs through logging itself
             from nubis.api.server import ApiServer, ApiServerError
 
             server = ApiServer(options.api_socket, vmm)

@@ -33,9 +33,9 @@ import enum
 import signal
 import threading
 from collections.abc import Callable
-from typing import Final, Protocol
 
 from nubis._frozen import Frozen
+from nubis._typing import Protocol
 from nubis.kvm import KvmError, SystemEventType, VcpuFd
 from nubis.kvm.bindings import ExitReason, InternalErrorSuberror
 from nubis.kvm.exits import (
@@ -51,6 +51,10 @@ from nubis.kvm.exits import (
     SystemEvent,
     VcpuExit,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "KICK_SIGNAL",

@@ -17,10 +17,10 @@ The names below are re-exported lazily, so importing ``layout`` alone stays chea
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from nubis.arch.x86_64.cpuid import CpuidEntry, vcpu_cpuid
     from nubis.arch.x86_64.host import HostKvm, KvmKind, detect_host_kvm
     from nubis.arch.x86_64.regs import BootEntry, BootProtocol
@@ -58,4 +58,4 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)

@@ -34,10 +34,13 @@ from and to ``struct kvm_cpuid_entry2``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
 
 from nubis._frozen import Frozen, replace
 from nubis.kvm import bindings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX: Final = bindings.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 

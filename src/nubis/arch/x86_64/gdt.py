@@ -24,10 +24,13 @@ The IDT is a single zero gate: the guest starts with interrupts disabled and ins
 from __future__ import annotations
 
 import struct
-from typing import Final
 
 from nubis._frozen import Frozen
 from nubis.arch.x86_64.layout import BOOT_GDT_MAX_ENTRIES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 # Descriptor "flags" values as a 16-bit pair: the access byte in bits 0-7 and the flags nibble
 # (AVL, L, D/B, G) in bits 12-15, the way the two halves sit in the descriptor's high word.

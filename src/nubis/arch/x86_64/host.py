@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Final
 
 from nubis._frozen import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 NESTED_HOST_HINT: Final = (
     "use the nested test host (a Linux VM under QEMU TCG with emulated SVM, see nubis.testbed)"

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from typing import Final, Protocol
 
+from nubis._typing import Protocol
 from nubis.kvm import bindings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 APIC_LVT_LINT0: Final = 0x350
 APIC_LVT_LINT1: Final = 0x360

@@ -26,7 +26,9 @@ map can be read in one place::
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20

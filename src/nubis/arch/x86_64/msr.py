@@ -24,7 +24,12 @@ reads the values back so a silently ignored write is caught too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Final, Protocol
+
+from nubis._typing import Protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 MSR_IA32_TSC: Final = 0x10
 MSR_IA32_SYSENTER_CS: Final = 0x174

@@ -18,9 +18,12 @@ of each so the caller writes them into guest memory.
 from __future__ import annotations
 
 import struct
-from typing import Final
 
 from nubis.arch.x86_64.layout import PDE_START, PDPTE_START, PML4_START, GiB, MiB
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 PAGE_TABLE_SIZE: Final = 0x1000
 ENTRIES_PER_TABLE: Final = 512

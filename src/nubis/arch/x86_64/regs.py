@@ -23,9 +23,9 @@ same descriptors it runs with.
 from __future__ import annotations
 
 import enum
-from typing import Final, Protocol
 
 from nubis._frozen import Frozen
+from nubis._typing import Protocol
 from nubis.arch.x86_64 import gdt, paging
 from nubis.arch.x86_64.layout import (
     BOOT_GDT_START,
@@ -36,6 +36,10 @@ from nubis.arch.x86_64.layout import (
     ZERO_PAGE_START,
 )
 from nubis.kvm import bindings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 X86_CR0_PE: Final = 1 << 0
 X86_CR0_ET: Final = 1 << 4

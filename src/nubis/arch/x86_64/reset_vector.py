@@ -11,9 +11,12 @@ reset register the FADT describes, and halt should that ever return.
 from __future__ import annotations
 
 import struct
-from typing import Final
 
 from nubis.arch.x86_64 import layout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 RESET_VECTOR: Final = 0xFFFF0
 """Physical address of the real-mode reset vector (CS 0xF000, IP 0xFFF0)."""

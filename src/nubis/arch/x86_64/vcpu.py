@@ -17,14 +17,16 @@ irqchip, KVM creates them waiting for INIT and SIPI (``KVM_MP_STATE_UNINITIALIZE
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from nubis._frozen import Frozen
+from nubis._typing import Protocol
 from nubis.arch.x86_64 import cpuid, lapic, msr, regs
 from nubis.arch.x86_64.cpuid import CpuidEntry
 from nubis.arch.x86_64.regs import BootEntry
 from nubis.kvm import bindings
 from nubis.kvm.bindings import Cap
+
+TYPE_CHECKING = False
 
 
 class BootVcpu(regs.SregsVcpu, lapic.LapicVcpu, msr.MsrVcpu, Protocol):
