@@ -20,11 +20,21 @@ and a used element is written before the used index that publishes it, simply by
 The one reordering x86-64 allows, a later load overtaking an earlier store, matters where the
 device publishes an index and then reads the driver's suppression state; a full fence separates
 those (see :func:`full_fence`).
+
+Atomicity: the driver reads and writes the ring indices and flags (``idx``, ``flags``,
+``used_event``, ``avail_event``) as single 16-bit accesses while the device works on the same
+ring from another CPU. ``struct.pack_into`` and ``unpack_from`` with an explicit byte order move
+such a field one byte at a time, so a driver could see half of a new used index (at a 256
+boundary ``0x00ff`` becomes ``0x0000`` for an instant before ``0x0100``) and take a stale used
+element for a completed chain. Every shared 16-bit field is therefore accessed through
+``memoryview.cast("H")`` views, whose item reads and writes are one aligned 16-bit load or store
+(the byte order is the machine's: little-endian, as virtio 1.x requires, on x86-64).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -43,6 +53,9 @@ VIRTQ_DESC_F_INDIRECT = 4
 # Available ring flags (2.7.6) and used ring flags (2.7.8).
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
+
+if sys.byteorder != "little":  # pragma: no cover - the ring views below use native order
+    raise ImportError("nubis.virtio.queue needs a little-endian machine")
 
 # The largest queue size a split virtqueue can have (2.7).
 MAX_QUEUE_SIZE = 32768
@@ -214,7 +227,11 @@ class Queue:
         self._layout: tuple[int, int, int, int] | None = None
         self._layout_memory: object = None
         self._desc_view = memoryview(b"")
-        self._avail_view = memoryview(b"")
+        # The rings as arrays of u16 (see the module docstring on atomicity): the available ring
+        # is [flags, idx, ring[size], used_event]; in the used ring, u16 1 is idx and u16
+        # ``2 + 4 * size`` is avail_event.
+        self._avail_u16 = memoryview(b"").cast("H")
+        self._used_u16 = memoryview(b"").cast("H")
         self._used_view = memoryview(b"")
 
     def reset(self) -> None:
@@ -234,7 +251,8 @@ class Queue:
         """Drop the cached views of the rings so that guest memory can be unmapped."""
         self._layout = None
         self._layout_memory = None
-        self._desc_view = self._avail_view = self._used_view = memoryview(b"")
+        self._desc_view = self._used_view = memoryview(b"")
+        self._avail_u16 = self._used_u16 = memoryview(b"").cast("H")
 
     def validate(self, memory: GuestMemory) -> None:
         """Check the driver's queue configuration against guest RAM (2.7, 4.1.4.3.2).
@@ -267,19 +285,21 @@ class Queue:
                 raise QueueError(
                     f"the {name} at {addr:#x} ({length} bytes) is not inside guest RAM"
                 ) from exc
-        self._desc_view, self._avail_view, self._used_view = views
+        self._desc_view, avail_view, self._used_view = views
+        self._avail_u16 = avail_view.cast("H")
+        self._used_u16 = self._used_view.cast("H")
         self._layout = layout
         self._layout_memory = memory
 
     def avail_idx(self, memory: GuestMemory) -> int:
         """The driver's current available index (2.7.6)."""
         self.validate(memory)
-        return RING_U16.unpack_from(self._avail_view, 2)[0]  # type: ignore[no-any-return]
+        return self._avail_u16[1]
 
     def used_idx(self, memory: GuestMemory) -> int:
         """The used index as published in guest memory (2.7.8)."""
         self.validate(memory)
-        return RING_U16.unpack_from(self._used_view, 2)[0]  # type: ignore[no-any-return]
+        return self._used_u16[1]
 
     def has_available(self, memory: GuestMemory) -> bool:
         """Whether the driver has made chains available that the device has not popped yet."""
@@ -287,7 +307,7 @@ class Queue:
 
     def _pending(self, memory: GuestMemory) -> int:
         self.validate(memory)
-        avail_idx = RING_U16.unpack_from(self._avail_view, 2)[0]
+        avail_idx = self._avail_u16[1]
         pending: int = (avail_idx - self.next_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(
@@ -306,8 +326,7 @@ class Queue:
         if not self._pending(memory):
             return None
         size = self.size
-        slot = RING_HEADER.size + RING_U16.size * (self.next_avail & (size - 1))
-        head: int = RING_U16.unpack_from(self._avail_view, slot)[0]
+        head = self._avail_u16[2 + (self.next_avail & (size - 1))]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= size:
             raise QueueError(f"available ring names descriptor {head}, beyond queue size {size}")
@@ -405,7 +424,7 @@ class Queue:
         slot = RING_HEADER.size + USED_ELEM.size * (self.next_used & (self.size - 1))
         USED_ELEM.pack_into(self._used_view, slot, head_index, written_len)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        RING_U16.pack_into(self._used_view, 2, self.next_used)
+        self._used_u16[1] = self.next_used
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the used entries added so far (2.7.10).
@@ -417,11 +436,8 @@ class Queue:
         self.validate(memory)
         full_fence()
         if not self.event_idx:
-            flags = RING_U16.unpack_from(self._avail_view, 0)[0]
-            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
-        used_event = RING_U16.unpack_from(
-            self._avail_view, RING_HEADER.size + RING_U16.size * self.size
-        )[0]
+            return not self._avail_u16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        used_event = self._avail_u16[2 + self.size]
         old, new = self.signalled_used, self.next_used
         self.signalled_used = new
         if old is None:
@@ -437,11 +453,9 @@ class Queue:
         """
         self.validate(memory)
         if self.event_idx:
-            offset = RING_HEADER.size + USED_ELEM.size * self.size
-            RING_U16.pack_into(self._used_view, offset, self.next_avail)
+            self._used_u16[2 + 4 * self.size] = self.next_avail
         else:
-            flags = RING_U16.unpack_from(self._used_view, 0)[0]
-            RING_U16.pack_into(self._used_view, 0, flags & ~VIRTQ_USED_F_NO_NOTIFY)
+            self._used_u16[0] &= ~VIRTQ_USED_F_NO_NOTIFY
         full_fence()
         return self.has_available(memory)
 
@@ -453,5 +467,4 @@ class Queue:
         """
         self.validate(memory)
         if not self.event_idx:
-            flags = RING_U16.unpack_from(self._used_view, 0)[0]
-            RING_U16.pack_into(self._used_view, 0, flags | VIRTQ_USED_F_NO_NOTIFY)
+            self._used_u16[0] |= VIRTQ_USED_F_NO_NOTIFY
