@@ -23,10 +23,10 @@ those (see :func:`full_fence`).
 
 Atomicity: the driver reads and writes the ring indices and flags (``idx``, ``flags``,
 ``used_event``, ``avail_event``) as single 16-bit accesses while the device works on the same
-ring from another CPU. ``struct.pack_into`` and ``unpack_from`` with an explicit byte order move
-such a field one byte at a time, so a driver could see half of a new used index (at a 256
-boundary ``0x00ff`` becomes ``0x0000`` for an instant before ``0x0100``) and take a stale used
-element for a completed chain. Every shared 16-bit field is therefore accessed through
+ring from another CPU. ``struct.pack_into`` stores such a field in pieces (a reader on another
+CPU sees torn values, whatever the format's byte order), so a driver could see half of a new used
+index (at a 256 boundary ``0x00ff`` becomes ``0x0000`` for an instant before ``0x0100``) and take
+a stale used element for a completed chain. Every shared 16-bit field is therefore accessed through
 ``memoryview.cast("H")`` views, whose item reads and writes are one aligned 16-bit load or store
 (the byte order is the machine's: little-endian, as virtio 1.x requires, on x86-64).
 """
