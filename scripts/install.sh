@@ -13,6 +13,7 @@ DEBIAN_PACKAGES=(
     e2fsprogs                          # guest ext4 root filesystem (mke2fs -d)
     acpica-tools                       # iasl, which checks nubis's ACPI tables
     iproute2                           # tap devices and network namespaces in tests
+    iperf3                             # the host end of the network benchmark
     ca-certificates
 )
 
