@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterator
 
 from nubis._typing import NamedTuple
+from nubis.memory import GuestMemoryError
 
 TYPE_CHECKING = False
 
@@ -186,18 +187,13 @@ class DescriptorChain:
 
 
 def _views(memory: GuestMemory, descriptors: list[Descriptor]) -> list[memoryview]:
-    from nubis.memory import GuestMemoryError
-
-    views = []
-    for desc in descriptors:
-        if desc.len:
-            try:
-                views.append(memory.slice(desc.addr, desc.len))
-            except GuestMemoryError as exc:
-                raise QueueError(
-                    f"buffer at {desc.addr:#x} of {desc.len} bytes is not in one memory region"
-                ) from exc
-    return views
+    slice_ = memory.slice
+    try:
+        return [slice_(desc.addr, desc.len) for desc in descriptors if desc.len]
+    except GuestMemoryError as exc:
+        raise QueueError(
+            f"buffer at {exc.address:#x} of {exc.length} bytes is not in one memory region"
+        ) from exc
 
 
 class Queue:
@@ -263,8 +259,6 @@ class Queue:
         layout = (self.size, self.desc_table, self.avail_ring, self.used_ring)
         if self._layout == layout and self._layout_memory is memory:
             return
-        from nubis.memory import GuestMemoryError
-
         size = self.size
         if not self.ready:
             raise QueueError("the queue is used before the driver made it ready")
@@ -392,8 +386,6 @@ class Queue:
         return DescriptorChain(head, descriptors, readable_count)
 
     def _indirect_table(self, memory: GuestMemory, desc: Descriptor, head: int) -> memoryview:
-        from nubis.memory import GuestMemoryError
-
         length = desc.len
         if length == 0 or length % DESC.size:
             raise QueueError(
@@ -425,6 +417,27 @@ class Queue:
         USED_ELEM.pack_into(self._used_view, slot, head_index, written_len)
         self.next_used = (self.next_used + 1) & 0xFFFF
         self._used_u16[1] = self.next_used
+
+    def add_used_many(self, memory: GuestMemory, used: list[tuple[int, int]]) -> None:
+        """Return several chains at once, as ``add_used`` for each ``(head_index, written_len)``
+        but publishing the used index once, after every element is stored.
+        """
+        self.validate(memory)
+        size = self.size
+        mask = size - 1
+        next_used = self.next_used
+        view = self._used_view
+        pack_into = USED_ELEM.pack_into
+        for head_index, written_len in used:
+            if not 0 <= head_index < size:
+                raise QueueError(f"used entry names descriptor {head_index}, beyond queue size")
+            if not 0 <= written_len <= 0xFFFFFFFF:
+                raise QueueError(f"used length {written_len} does not fit in 32 bits")
+            pack_into(view, RING_HEADER.size + USED_ELEM.size * (next_used & mask), head_index,
+                      written_len)  # fmt: skip
+            next_used = (next_used + 1) & 0xFFFF
+        self.next_used = next_used
+        self._used_u16[1] = next_used
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the used entries added so far (2.7.10).
