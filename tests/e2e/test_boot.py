@@ -169,12 +169,6 @@ def interleaved(message: str, noise: str) -> re.Pattern[str]:
     return re.compile(gap.join(re.escape(char) for char in message))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: after a panic with panic=-1 the guest's emergency restart (through "
-    "machine_real_restart to nubis's reset-vector code) sometimes never reaches nubis and the "
-    "guest hangs after 'Kernel Offset'; passed in some runs, hung in others, not yet found",
-)
 @pytest.mark.timeout(BOOT_TIMEOUT + 60, func_only=True)
 def test_init_exit_panics_and_no_reboot_ends_nubis_with_status_3(
     run_guest: RunGuest, guest_images: GuestImages
