@@ -438,25 +438,23 @@ class Net(QueueDevice):
         memory = self.memory
         assert memory is not None
         views = chain.readable_views(memory)
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
+        counters = self._counters
+        if length <= VNET_HDR.size or len(views) > _IOV_MAX or not self.link_up:
+            counters["tx_dropped"] += 1
+            return 0
         try:
-            if length <= VNET_HDR.size or len(views) > _IOV_MAX or not self.link_up:
-                self._counters["tx_dropped"] += 1
-                return 0
-            try:
-                os.writev(self.backend.fds[index // 2], views)
-            except OSError as exc:
-                self._counters["tx_dropped"] += 1
-                if exc.errno in _LINK_GONE:
-                    self._link_down(exc)
-                else:
-                    _log.debug("%s: a transmitted frame was refused: %s", self.name, exc)
-                return 0
-        finally:
-            for view in views:
-                view.release()
-        self._counters["tx_frames"] += 1
-        self._counters["tx_bytes"] += length - VNET_HDR.size
+            os.writev(self.backend.fds[index // 2], views)
+        except OSError as exc:
+            counters["tx_dropped"] += 1
+            if exc.errno in _LINK_GONE:
+                self._link_down(exc)
+            elif _log.isEnabledFor(logging.DEBUG):
+                _log.debug("%s: a transmitted frame was refused: %s", self.name, exc)
+            return 0
+        # The views go with this frame (dropping the list releases them).
+        counters["tx_frames"] += 1
+        counters["tx_bytes"] += length - VNET_HDR.size
         return 0
 
     # --- receive ------------------------------------------------------------------------------
