@@ -8,8 +8,8 @@ each with ``--direct=1 --ioengine=libaio --iodepth=32 --time_based`` and ``--run
 * ``randread_4k``: 4 KiB random reads, IOPS;
 * ``seq_write``: sequential 1 MiB writes, MiB/s.
 
-fio writes JSON to the guest's /tmp; the guest prints it gzipped and base64-encoded on one
-``BENCH-FIO <job> <data>`` console line, which is parsed here. Both VMMs boot the same kernel,
+fio writes JSON to the guest's /tmp; the guest hands it over as a ``BENCH-JSON <job> <data>``
+console line (gzipped and base64-encoded, see ``_guestrun``), which is parsed here. Both VMMs boot the same kernel,
 initramfs, root disk and the same data disk file (256 MiB, filled with random bytes once per
 invocation, in the testbed's shared work directory), with 2 vCPUs and 256 MiB; they run
 ``--runs`` times each, interleaved, the order alternating from one round to the next, and the
@@ -17,11 +17,11 @@ medians are compared.
 
 Disk set-ups, chosen to do the same work per request:
 
-* nubis: ``--disk path=DATA,direct=on``, so the image is opened with O_DIRECT; nubis serves its
-  single request queue from one worker thread with synchronous ``preadv``/``pwritev``, one
-  request at a time, so its throughput is bounded by the backing's latency per request where
-  QEMU keeps up to ``iodepth`` requests in flight. In the nested test host the image reaches L1
-  over 9p, where a 1 MiB O_DIRECT read costs about 20 ms and a 4 KiB one about 6 ms.
+* nubis: ``--disk path=DATA,direct=on``, so the image is opened with O_DIRECT; nubis's queue
+  worker parses requests and hands reads and writes to a pool of I/O threads (``preadv``/
+  ``pwritev``), so many requests are in flight at once, as with QEMU. In the nested test host
+  the image reaches L1 over 9p, where a 1 MiB O_DIRECT read costs about 20 ms and a 4 KiB one
+  about 6 ms, so throughput depends on how many requests overlap.
 * QEMU 7.2: ``-M microvm,pcie=on`` (no emulated motherboard, as with nubis, plus a PCIe host
   bridge described by ACPI so the guest's driver is virtio-blk-pci, as with nubis, not
   virtio-mmio), ``-drive ...,format=raw,cache=none,aio=native`` (cache=none is O_DIRECT on the
@@ -31,10 +31,10 @@ Disk set-ups, chosen to do the same work per request:
   one queue per vCPU; nubis has one).
 
 CPU cost: the user and system time of the VMM process (every thread, so including the guest's
-own vCPU time, as for any KVM VMM) is read from ``/proc/PID/stat`` when fio announces the start
-and the end of a job's I/O on the console (its ``exec_prerun`` and ``exec_postrun`` commands;
-the shell's markers around the whole fio run are the fallback), and divided by the MiB that job
-moved (fio's ``io_kbytes``):
+own vCPU time, as for any KVM VMM) is read from ``/proc/PID/stat`` at each job's
+``BENCH-JOB-START`` and ``BENCH-JOB-END`` console lines (``_guestrun.run_vmm``; fio's
+``exec_prerun`` repeats the start line when its I/O begins, and the later reading counts, so
+fio's own start-up is left out), and divided by the MiB that job moved (fio's ``io_kbytes``):
 ``*_cpu_ms_per_mib``. The whole process's time from ``os.wait4`` (boot and shutdown included)
 per MiB moved in all jobs is reported as ``*_process_cpu_ms_per_mib`` for context.
 
@@ -51,20 +51,17 @@ Usage: ``.venv/bin/python benchmarks/block.py [--runs N] [--runtime S] [--vmm NA
 from __future__ import annotations
 
 import argparse
-import base64
-import gzip
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _guestrun import GUEST_REPORT_FUNCTION, GuestRun, run_vmm
 from _report import emit
 
 REFERENCE = "qemu"
@@ -99,13 +96,12 @@ JOBS: tuple[tuple[str, str, str, str, float], ...] = (
 )
 #: Seconds one VMM run (boot, the three jobs, power-off) may take before it is killed.
 RUN_TIMEOUT = 420.0
-CONSOLE_TAIL_LINES = 25
 
 # The guest's command (busybox sh). It waits for the data disk, reports its size, and runs each
-# job between BENCH-JOB-START and BENCH-JOB-END lines; fio itself prints BENCH-IO-START and
-# BENCH-IO-END around the job's I/O (its exec_prerun and exec_postrun commands, whose output
-# fio redirects to <job>.prerun.txt in the working directory, hence /tmp and the tee to the
-# console). fio's JSON follows on one line.
+# job between BENCH-JOB-START and BENCH-JOB-END lines; fio repeats the start line when the job's
+# I/O begins (its exec_prerun command, whose output fio redirects to <job>.prerun.txt in the
+# working directory, hence /tmp and the tee to the console). fio's JSON follows on one
+# BENCH-JSON line (the report function of _guestrun).
 GUEST_SCRIPT = """\
 cd /tmp
 i=0; while [ ! -b {dev} ] && [ $i -lt 200 ]; do usleep 100000; i=$((i+1)); done
@@ -114,18 +110,17 @@ j() {{
 n=$1; shift; echo BENCH-JOB-START $n
 fio --name=$n --filename={dev} --direct=1 --ioengine=libaio --iodepth={iodepth} \
 --runtime={runtime} --time_based --output-format=json --output=$n.json \
---exec_prerun="echo BENCH-IO-START $n | tee /dev/console" \
---exec_postrun="echo BENCH-IO-END $n | tee /dev/console" "$@" >$n.err 2>&1
+--exec_prerun="echo BENCH-JOB-START $n | tee /dev/console" "$@" >$n.err 2>&1
 s=$?; echo BENCH-JOB-END $n $s
 [ $s = 0 ] || {{ tail -5 $n.err; exit $s; }}
-echo BENCH-FIO $n $(gzip -c $n.json | base64 | tr -d '\\n')
+report $n $n.json
 }}
 """
 
 
 def guest_command(runtime: int) -> str:
     """The shell command the guest's init runs: every job of `JOBS` against the data disk."""
-    script = GUEST_SCRIPT.format(
+    script = GUEST_REPORT_FUNCTION + GUEST_SCRIPT.format(
         dev=DATA_DEVICE, name=DATA_DEVICE.rsplit("/", 1)[1], iodepth=IODEPTH, runtime=runtime
     )
     return script + "".join(f"j {name} {args}\n" for name, args, *_ in JOBS)
@@ -141,127 +136,37 @@ def make_data_disk(path: Path, mib: int) -> None:
         os.fsync(f.fileno())
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system time of every thread of process ``pid`` so far, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    # Fields 14 and 15 of proc(5), counted from the state (field 3) after the command name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class _Killer:
-    """Kills a process that outlives its timeout (so a hung guest cannot stall the benchmark)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        self.fired = False
-
-        def kill() -> None:
-            self.fired = True
-            proc.kill()
-
-        self._timer = threading.Timer(timeout, kill)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-def run_vmm(argv: list[str], timeout: float) -> tuple[dict[str, Any] | None, str, str]:
-    """Run one VMM to the end; return (its measurements or None, a failure reason, its log).
-
-    The console (the VMM's standard output, standard error merged) is read line by line; the
-    job markers take CPU readings of the VMM process, ``BENCH-FIO`` lines carry fio's results.
-    """
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert proc.stdout is not None
-    killer = _Killer(proc, timeout)
-    lines: list[str] = []
-    cpu_start: dict[str, float | None] = {}
-    cpu_end: dict[str, float | None] = {}
-    window: dict[str, list[float]] = {}
-    fio: dict[str, dict[str, Any]] = {}
-    sectors: int | None = None
-    problems: list[str] = []
-    for raw in iter(proc.stdout.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\r\n")
-        words = line.split()
-        if words[:1] in (["BENCH-JOB-START"], ["BENCH-IO-START"]) and len(words) == 2:
-            # fio's own marker comes later and replaces the shell's.
-            cpu_start[words[1]] = process_cpu_seconds(proc.pid)
-            window[words[1]] = [time.monotonic()]
-        elif words[:1] in (["BENCH-IO-END"], ["BENCH-JOB-END"]) and len(words) >= 2:
-            # fio's own marker comes first and is kept.
-            if words[1] not in cpu_end:
-                cpu_end[words[1]] = process_cpu_seconds(proc.pid)
-                window.setdefault(words[1], [math.nan]).append(time.monotonic())
-        elif words[:1] == ["BENCH-FIO"] and len(words) == 3:
-            try:
-                fio[words[1]] = json.loads(gzip.decompress(base64.b64decode(words[2])))
-            except (ValueError, OSError) as exc:
-                problems.append(f"fio's output for {words[1]} did not decode ({exc})")
-            line = f"BENCH-FIO {words[1]} ({len(words[2])} bytes)"
-        elif line.startswith("BENCH-DATA-SECTORS="):
-            sectors = int(line.partition("=")[2] or "0")
-        lines.append(line)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    killer.cancel()
-    wall = time.monotonic() - started
-    log = "\n".join(lines)
-
-    if killer.fired:
-        problems.append(f"killed after {timeout:.0f} s")
+def measure(run: GuestRun) -> dict[str, Any] | None:
+    """Each job's figure and CPU cost from a finished run, or None (with run.problems)."""
+    sectors = None
+    for line in run.log.splitlines():
+        if line.startswith("BENCH-DATA-SECTORS="):
+            value = line.partition("=")[2].strip()
+            sectors = int(value) if value.isdigit() else None
     if sectors != DATA_DISK_MIB * MIB // 512:
-        problems.append(
+        run.problems.append(
             f"the guest saw {sectors} sectors on {DATA_DEVICE}, not {DATA_DISK_MIB} MiB"
         )
     jobs: dict[str, dict[str, float]] = {}
     for name, _args, direction, unit, _target in JOBS:
-        if name not in fio:
-            problems.append(f"no fio result for {name}")
+        fio = run.reports.get(name)
+        if fio is None or run.job_status.get(name) != 0:
+            run.problems.append(f"no fio result for {name}")
             continue
-        job = fio[name]["jobs"][0]
+        job = fio["jobs"][0]
         if job.get("error"):
-            problems.append(f"fio reported error {job['error']} for {name}")
+            run.problems.append(f"fio reported error {job['error']} for {name}")
             continue
         stats = job[direction]
-        mib = stats["io_kbytes"] / 1024
-        before, after = cpu_start.get(name), cpu_end.get(name)
-        cpu = None if before is None or after is None else after - before
         jobs[name] = {
             "value": stats["bw"] / 1024 if unit == "MiB/s" else stats["iops"],
-            "mib": mib,
+            "mib": stats["io_kbytes"] / 1024,
             "runtime_s": stats["runtime"] / 1000,
-            "cpu_s": cpu if cpu is not None else math.nan,
-            "window_s": window[name][-1] - window[name][0]
-            if len(window.get(name, [])) == 2
-            else math.nan,
+            "cpu_s": run.job_cpu_s.get(name, math.nan),
         }
-    if proc.returncode != 0:
-        problems.append(f"the VMM exited with status {proc.returncode}")
-    if problems:
-        return None, "; ".join(problems), log
-    return (
-        {
-            "jobs": jobs,
-            "process_cpu_s": usage.ru_utime + usage.ru_stime,
-            "wall_s": wall,
-        },
-        "",
-        log,
-    )
-
-
-def _tail(log: str) -> str:
-    return " | ".join(log.strip().splitlines()[-CONSOLE_TAIL_LINES:])
+    if run.problems:
+        return None
+    return {"jobs": jobs, "process_cpu_s": run.process_cpu_s, "wall_s": run.wall_s}
 
 
 def inner(config: dict[str, Any]) -> int:
@@ -277,15 +182,17 @@ def inner(config: dict[str, Any]) -> int:
             if name in failures:
                 continue
             argv = [word.format(**values) for word in templates[name]]
-            result, reason, log = run_vmm(argv, RUN_TIMEOUT)
+            run = run_vmm(argv, RUN_TIMEOUT)
+            result = measure(run)
             if result is None:
-                failures[name] = f"{reason}; console tail: {_tail(log)}"
-                print(f"block: {name} failed: {reason}\n{log[-4000:]}", file=sys.stderr)
+                reason = "; ".join(run.problems)
+                failures[name] = f"{reason}; console tail: {run.tail()}"
+                print(f"block: {name} failed: {reason}\n{run.log[-4000:]}", file=sys.stderr)
                 continue
             samples[name].append(result)
             summary = ", ".join(
-                f"{job} {m['value']:.1f} ({m['cpu_s']:.2f} s CPU in {m['window_s']:.1f} s "
-                f"for {m['mib']:.0f} MiB)"
+                f"{job} {m['value']:.1f} ({m['cpu_s']:.2f} s CPU for {m['mib']:.0f} MiB "
+                f"in {m['runtime_s']:.1f} s)"
                 for job, m in result["jobs"].items()
             )
             print(
