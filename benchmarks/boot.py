@@ -95,6 +95,10 @@ def inner(config: dict[str, object]) -> int:
             argv = [word.format(**values) for word in template]
             seconds, log = time_boot(argv, RUN_TIMEOUT)
             if seconds is None:
+                # One more try, for the nested host's sake; the failed console is shown.
+                print(f"{name} failed once; console tail:\n{log[-3000:]}", file=sys.stderr)
+                seconds, log = time_boot(argv, RUN_TIMEOUT)
+            if seconds is None:
                 failures[name] = "no NUBIS-USERSPACE marker; console tail: " + " | ".join(
                     log.strip().splitlines()[-5:]
                 )
