@@ -36,9 +36,9 @@ pytestmark = pytest.mark.e2e
 RunGuest = Callable[..., Any]  # the run_guest fixture, returning a GuestRun
 
 BOOT_TIMEOUT = 300.0
-TRANSFER_TIMEOUT = 1500.0
+TRANSFER_TIMEOUT = 1200.0
 #: Seconds the guest gives each nc before it gives up.
-NC_TIMEOUT = 600
+NC_TIMEOUT = 420
 MIB = 1 << 20
 #: Bytes sent each way in the transfer test (see its docstring for why this size).
 TRANSFER_MIB = 256
