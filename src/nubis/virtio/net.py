@@ -222,8 +222,10 @@ class Net(QueueDevice):
         self.active_pairs = 1
         self._ctrl_index: int | None = None
         self._stash: list[collections.deque[_RxChain]] = [collections.deque() for _ in range(pairs)]
-        # Bytes the stashed chains of each pair can take (kept as chains come and go).
+        # Bytes the stashed chains of each pair can take, and all their views in order (both
+        # kept as chains come and go, so a frame costs what it uses, not what is stashed).
         self._stash_bytes = [0] * pairs
+        self._stash_views: list[list[memoryview]] = [[] for _ in range(pairs)]
         self._polling = [False] * pairs
         self._rx_budget = 0
         self._mergeable = False
@@ -488,6 +490,7 @@ class Net(QueueDevice):
                 continue
             stash.append(_RxChain(chain.head_index, views, capacity))
             self._stash_bytes[pair] += capacity
+            self._stash_views[pair] += views
             have += capacity if mergeable else 1
         if popped_bad:
             self.signal_used(2 * pair)
@@ -512,7 +515,7 @@ class Net(QueueDevice):
         index = 2 * pair
         queue = self.queues[index].queue
         mergeable = self._mergeable
-        budget = self._rx_budget
+        all_views = self._stash_views[pair]
         readv = os.readv
         counters = self._counters
         delivered = 0
@@ -521,20 +524,11 @@ class Net(QueueDevice):
                 if not self._refill(pair):
                     self._set_polling(worker, pair, False)
                     break
-                if mergeable:
-                    views: list[memoryview] = []
-                    room = 0
-                    for chain in stash:
-                        views += chain.views
-                        room += chain.capacity
-                        if room >= budget:
-                            break
-                    if len(views) > _IOV_MAX:
-                        del views[_IOV_MAX:]
-                else:
-                    views = stash[0].views
+                # Mergeable: every stashed chain is offered (the stash holds about one
+                # largest frame); otherwise the first chain alone.
+                views = all_views if mergeable else stash[0].views
                 try:
-                    count = readv(fd, views)
+                    count = readv(fd, views[:_IOV_MAX] if len(views) > _IOV_MAX else views)
                 except BlockingIOError:
                     self._set_polling(worker, pair, True)
                     break
@@ -573,15 +567,18 @@ class Net(QueueDevice):
         used: list[tuple[int, int]] = []
         left = count
         taken = 0
+        views = 0
         while left > 0:
             chain = stash.popleft()
             take = min(chain.capacity, left)
             used.append((chain.head, take))
             taken += chain.capacity
+            views += len(chain.views)
             left -= take
             if not self._mergeable:
                 break
         self._stash_bytes[pair] -= taken
+        del self._stash_views[pair][:views]
         _put_u16(first.views, NUM_BUFFERS_OFFSET, len(used))
         queue.add_used_many(memory, used)
         return len(used)
@@ -673,6 +670,8 @@ class Net(QueueDevice):
                 for view in stash.popleft().views:
                     view.release()
         self._stash_bytes = [0] * len(self._stash)
+        for views in self._stash_views:
+            views.clear()
 
 
 def _put_u16(views: Sequence[memoryview], offset: int, value: int) -> None:
