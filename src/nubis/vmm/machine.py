@@ -261,7 +261,11 @@ class Machine:
                 self._terminal = TerminalInput(self.serial.enqueue_input)
         else:
             self.serial = None
-        i8042 = I8042(reset=lambda: self._request_exit(MachineExit(ExitKind.RESET)))
+        i8042 = I8042(
+            reset=lambda: self._request_exit(
+                MachineExit(ExitKind.RESET, "the guest reset through the i8042 controller")
+            )
+        )
         bus.insert(i8042, layout.PORT_I8042_DATA, 1)
         bus.insert(i8042, layout.PORT_I8042_COMMAND, 1)
         bus.insert(CmosRtc(), layout.PORT_RTC, layout.PORT_RTC_SIZE)
@@ -269,7 +273,9 @@ class Machine:
         bus.insert(self.debug_port, layout.PORT_DEBUG, 1)
         acpi_pm = AcpiPmDevice(
             power_off=lambda: self._request_exit(MachineExit(ExitKind.POWER_OFF)),
-            reset=lambda: self._request_exit(MachineExit(ExitKind.RESET)),
+            reset=lambda: self._request_exit(
+                MachineExit(ExitKind.RESET, "the guest wrote the ACPI reset register")
+            ),
         )
         bus.insert(acpi_pm, layout.PORT_ACPI_SLEEP_CONTROL, 3)
         ged_irq = EventFdTrigger()

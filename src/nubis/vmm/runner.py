@@ -138,11 +138,16 @@ class Vmm:
             self.events.vm("shutdown")
             return None if api_mode else EXIT_OK
         if exit_.kind is ExitKind.RESET:
-            _logger.info("the guest reset (%s)", exit_.message or "reset requested")
+            reason = exit_.message or "reset requested"
+            _logger.info("the guest reset (%s)", reason)
             if self.options.no_reboot:
                 self._state = VmState.SHUTDOWN
                 self.events.vm("shutdown")
-                return None if api_mode else EXIT_GUEST_RESET
+                if api_mode:
+                    return None
+                # Say why: a guest that triple-faulted and one that asked to reboot end alike.
+                print(f"nubis: {reason}; with --no-reboot that ends nubis", file=sys.stderr)
+                return EXIT_GUEST_RESET
             self.events.vm("rebooting")
             try:
                 self._start_machine()
