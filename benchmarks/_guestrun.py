@@ -5,18 +5,24 @@ A benchmark guest announces each measured job with ``BENCH-JOB-START NAME`` and
 ``BENCH-JSON NAME DATA`` (``DATA`` is the report gzipped and base64-encoded, so it fits on one
 line). :func:`run_vmm` starts the VMM with its console on standard output, reads it line by
 line, takes the VMM process's CPU time at each job's start and end (every thread, so the guest's
-vCPU time too, as for any KVM VMM) and returns what the guest reported.
+vCPU time too, as for any KVM VMM) and returns what the guest reported; :func:`run_rounds`
+runs several VMMs in interleaved rounds, and the rest are the statistics the reports share.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import gzip
 import json
+import math
 import os
+import statistics
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,3 +123,105 @@ def run_vmm(argv: list[str], timeout: float) -> GuestRun:
     elif run.returncode != 0:
         run.problems.append(f"the VMM exited with status {run.returncode}")
     return run
+
+
+Measure = Callable[[GuestRun], "dict[str, Any] | None"]
+Describe = Callable[["dict[str, Any]"], str]
+
+
+def run_rounds(
+    label: str,
+    config: dict[str, Any],
+    timeout: float,
+    measure: Measure,
+    describe: Describe,
+) -> dict[str, Any]:
+    """Run each VMM of ``config`` ``runs`` times, interleaved with the order alternating.
+
+    ``config`` holds ``runs``, ``vmms`` (name to argv template) and ``values`` (the templates'
+    placeholders). ``measure`` turns a finished run into a sample (None when the run failed,
+    with its reasons in ``run.problems``); a failed run is tried once more (the nested host has
+    bad moments), and a VMM that fails twice is left out of later rounds. Returns
+    ``{"samples": {name: [sample...]}, "failures": {name: reason}}``.
+    """
+    runs = int(config["runs"])
+    templates: dict[str, list[str]] = config["vmms"]
+    values = {k: str(v) for k, v in config["values"].items()}
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in templates}
+    failures: dict[str, str] = {}
+    names = list(templates)
+    for round_ in range(runs):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            if name in failures:
+                continue
+            argv = [word.format(**values) for word in templates[name]]
+            run = run_vmm(argv, timeout)
+            result = measure(run)
+            if result is None:
+                print(
+                    f"{label}: {name} failed once: {'; '.join(run.problems)}\n{run.log[-4000:]}",
+                    file=sys.stderr,
+                )
+                run = run_vmm(argv, timeout)
+                result = measure(run)
+            if result is None:
+                reason = "; ".join(run.problems)
+                failures[name] = f"{reason}; console tail: {run.tail()}"
+                print(f"{label}: {name} failed: {reason}\n{run.log[-4000:]}", file=sys.stderr)
+                continue
+            samples[name].append(result)
+            print(
+                f"{label}: {name} round {round_ + 1}: {describe(result)}; "
+                f"{result['wall_s']:.0f} s wall",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {"samples": samples, "failures": failures}
+
+
+def median(values: list[float]) -> float | None:
+    """The median of the values that are numbers (NaN marks a missing one), or None."""
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else None
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    """``round`` that lets None through."""
+    return None if value is None else round(value, digits)
+
+
+def geometric_mean(ratios: list[float | None]) -> float | None:
+    """The geometric mean of the ratios, or None when any is missing."""
+    if not ratios or any(r is None for r in ratios):
+        return None
+    return math.exp(statistics.fmean(math.log(r) for r in ratios if r is not None))
+
+
+def cpu_per_unit(
+    runs: list[dict[str, Any]], jobs: list[str], amount: str, scale: float
+) -> float | None:
+    """Median over runs of the jobs' CPU seconds (times ``scale``) per unit of ``amount`` moved.
+
+    Each run's ``jobs[name]`` carries ``cpu_s`` and the amount moved under the key ``amount``.
+    """
+    per_run = []
+    for run in runs:
+        cpu = sum(run["jobs"][j]["cpu_s"] for j in jobs)
+        moved = sum(run["jobs"][j][amount] for j in jobs)
+        if moved > 0 and not math.isnan(cpu):
+            per_run.append(cpu * scale / moved)
+    return statistics.median(per_run) if per_run else None
+
+
+def vmm_arguments(parser: argparse.ArgumentParser, vmms: list[str], runtime_help: str) -> None:
+    """The options every guest benchmark takes: --runs, --runtime, --vmm and the inner --inner."""
+    parser.add_argument("--runs", type=int, default=2, help="runs of each VMM (default 2)")
+    parser.add_argument("--runtime", type=int, default=8, help=runtime_help)
+    parser.add_argument(
+        "--vmm",
+        action="append",
+        choices=sorted(vmms),
+        default=None,
+        help="VMMs to run (default all; QEMU is needed for the report)",
+    )
+    parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)

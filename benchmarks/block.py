@@ -61,7 +61,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _guestrun import GUEST_REPORT_FUNCTION, GuestRun, run_vmm
+from _guestrun import (
+    GUEST_REPORT_FUNCTION,
+    GuestRun,
+    cpu_per_unit,
+    geometric_mean,
+    median,
+    rounded,
+    run_rounds,
+    vmm_arguments,
+)
 from _report import emit
 
 REFERENCE = "qemu"
@@ -169,55 +178,23 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
     return {"jobs": jobs, "process_cpu_s": run.process_cpu_s, "wall_s": run.wall_s}
 
 
+def _describe(result: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{job} {m['value']:.1f} ({m['cpu_s']:.2f} s CPU for {m['mib']:.0f} MiB "
+        f"in {m['runtime_s']:.1f} s)"
+        for job, m in result["jobs"].items()
+    )
+
+
 def inner(config: dict[str, Any]) -> int:
     """Run every VMM ``runs`` times (interleaved, alternating order) and print the results."""
-    runs = int(config["runs"])
-    templates: dict[str, list[str]] = config["vmms"]
-    values = {k: str(v) for k, v in config["values"].items()}
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in templates}
-    failures: dict[str, str] = {}
-    names = list(templates)
-    for round_ in range(runs):
-        for name in names if round_ % 2 == 0 else names[::-1]:
-            if name in failures:
-                continue
-            argv = [word.format(**values) for word in templates[name]]
-            run = run_vmm(argv, RUN_TIMEOUT)
-            result = measure(run)
-            if result is None:
-                reason = "; ".join(run.problems)
-                failures[name] = f"{reason}; console tail: {run.tail()}"
-                print(f"block: {name} failed: {reason}\n{run.log[-4000:]}", file=sys.stderr)
-                continue
-            samples[name].append(result)
-            summary = ", ".join(
-                f"{job} {m['value']:.1f} ({m['cpu_s']:.2f} s CPU for {m['mib']:.0f} MiB "
-                f"in {m['runtime_s']:.1f} s)"
-                for job, m in result["jobs"].items()
-            )
-            print(
-                f"block: {name} round {round_ + 1}: {summary}; {result['wall_s']:.0f} s wall",
-                file=sys.stderr,
-                flush=True,
-            )
-    print(json.dumps({"samples": samples, "failures": failures}), flush=True)
+    print(json.dumps(run_rounds("block", config, RUN_TIMEOUT, measure, _describe)), flush=True)
     return 0
-
-
-def _median(values: list[float]) -> float | None:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if finite else None
 
 
 def _cpu_ms_per_mib(runs: list[dict[str, Any]], jobs: list[str]) -> float | None:
     """Median over runs of the job windows' CPU milliseconds per MiB moved in them."""
-    per_run = []
-    for run in runs:
-        cpu = sum(run["jobs"][j]["cpu_s"] for j in jobs)
-        mib = sum(run["jobs"][j]["mib"] for j in jobs)
-        if mib > 0 and not math.isnan(cpu):
-            per_run.append(cpu * 1000 / mib)
-    return statistics.median(per_run) if per_run else None
+    return cpu_per_unit(runs, jobs, "mib", 1000.0)
 
 
 def _process_cpu_ms_per_mib(runs: list[dict[str, Any]]) -> float | None:
@@ -225,10 +202,6 @@ def _process_cpu_ms_per_mib(runs: list[dict[str, Any]]) -> float | None:
         run["process_cpu_s"] * 1000 / sum(j["mib"] for j in run["jobs"].values()) for run in runs
     ]
     return statistics.median(per_run) if per_run else None
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def report(
@@ -240,8 +213,8 @@ def report(
     ratios: dict[str, float | None] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for name, _args, _direction, unit, target in JOBS:
-        reference = _median([r["jobs"][name]["value"] for r in reference_runs])
-        nubis = _median([r["jobs"][name]["value"] for r in nubis_runs])
+        reference = median([r["jobs"][name]["value"] for r in reference_runs])
+        nubis = median([r["jobs"][name]["value"] for r in nubis_runs])
         if reference is None:
             return 1
         ratio = None if nubis is None else nubis / reference
@@ -249,8 +222,8 @@ def report(
         extra = {
             "target_ratio": target,
             "meets_target": None if ratio is None else ratio >= target,
-            "nubis_cpu_ms_per_mib": _round(_cpu_ms_per_mib(nubis_runs, [name])),
-            "qemu_cpu_ms_per_mib": _round(_cpu_ms_per_mib(reference_runs, [name])),
+            "nubis_cpu_ms_per_mib": rounded(_cpu_ms_per_mib(nubis_runs, [name])),
+            "qemu_cpu_ms_per_mib": rounded(_cpu_ms_per_mib(reference_runs, [name])),
             "samples": {
                 vmm: [round(r["jobs"][name]["value"], 2) for r in runs]
                 for vmm, runs in samples.items()
@@ -266,12 +239,9 @@ def report(
             **common,
             "nubis_failure": failures.get("nubis"),
         }
-        metrics[name] = {"unit": unit, "nubis": _round(nubis, 2), "qemu": _round(reference, 2)}
+        metrics[name] = {"unit": unit, "nubis": rounded(nubis, 2), "qemu": rounded(reference, 2)}
         emit(f"block_{name}", unit, nubis, reference, REFERENCE_NAME, "higher", **extra)
-    known = [r for r in ratios.values() if r is not None]
-    geomean = (
-        math.exp(statistics.fmean(math.log(r) for r in known)) if len(known) == len(JOBS) else None
-    )
+    geomean = geometric_mean(list(ratios.values()))
     all_jobs = [name for name, *_ in JOBS]
     emit(
         "block",
@@ -280,13 +250,13 @@ def report(
         1.0,
         REFERENCE_NAME,
         "higher",
-        ratios={k: _round(v) for k, v in ratios.items()},
+        ratios={k: rounded(v) for k, v in ratios.items()},
         metrics=metrics,
         targets={name: target for name, *_, target in JOBS},
-        nubis_cpu_ms_per_mib=_round(_cpu_ms_per_mib(nubis_runs, all_jobs)),
-        qemu_cpu_ms_per_mib=_round(_cpu_ms_per_mib(reference_runs, all_jobs)),
-        nubis_process_cpu_ms_per_mib=_round(_process_cpu_ms_per_mib(nubis_runs)),
-        qemu_process_cpu_ms_per_mib=_round(_process_cpu_ms_per_mib(reference_runs)),
+        nubis_cpu_ms_per_mib=rounded(_cpu_ms_per_mib(nubis_runs, all_jobs)),
+        qemu_cpu_ms_per_mib=rounded(_cpu_ms_per_mib(reference_runs, all_jobs)),
+        nubis_process_cpu_ms_per_mib=rounded(_process_cpu_ms_per_mib(nubis_runs)),
+        qemu_process_cpu_ms_per_mib=rounded(_process_cpu_ms_per_mib(reference_runs)),
         wall_s={vmm: [round(r["wall_s"], 1) for r in runs] for vmm, runs in samples.items()},
         **common,
         nubis_failure=failures.get("nubis"),
@@ -297,16 +267,7 @@ def report(
 def main() -> int:
     """Build images, start one testbed session, run each VMM inside it and emit the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=2, help="runs of each VMM (default 2)")
-    parser.add_argument("--runtime", type=int, default=8, help="seconds per fio job (default 8)")
-    parser.add_argument(
-        "--vmm",
-        action="append",
-        choices=sorted(VMMS),
-        default=None,
-        help="VMMs to run (default all; QEMU is needed for the report)",
-    )
-    parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
+    vmm_arguments(parser, list(VMMS), "seconds per fio job (default 8)")
     args = parser.parse_args()
     if args.inner is not None:
         return inner(json.loads(args.inner))

@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -50,7 +49,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _guestrun import GUEST_REPORT_FUNCTION, GuestRun, run_vmm
+from _guestrun import (
+    GUEST_REPORT_FUNCTION,
+    GuestRun,
+    cpu_per_unit,
+    geometric_mean,
+    median,
+    rounded,
+    run_rounds,
+    vmm_arguments,
+)
 from _report import emit
 
 REFERENCE = "qemu"
@@ -142,78 +150,34 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def _describe(result: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{job} {m['value']:.2f} MiB/s ({m['cpu_s']:.2f} s CPU for {m['gib'] * 1024:.0f} MiB, "
+        f"{m['retransmits']} retransmits)"
+        for job, m in result["jobs"].items()
+    )
+
+
 def inner(config: dict[str, Any]) -> int:
     """In a fresh network namespace: make the tap and the server, run every VMM, print JSON."""
-    runs = int(config["runs"])
-    templates: dict[str, list[str]] = config["vmms"]
-    values = {k: str(v) for k, v in config["values"].items()}
     _ip("tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
     _ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
     _ip("link", "set", TAP, "up")
     server = subprocess.Popen(
         ["iperf3", "-s", "-B", HOST_IP], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in templates}
-    failures: dict[str, str] = {}
-    names = list(templates)
     try:
-        for round_ in range(runs):
-            for name in names if round_ % 2 == 0 else names[::-1]:
-                if name in failures:
-                    continue
-                argv = [word.format(**values) for word in templates[name]]
-                run = run_vmm(argv, RUN_TIMEOUT)
-                result = measure(run)
-                if result is None:
-                    # One more try: a run can fail for the nested host's sake (it happened to
-                    # QEMU once: its guest found no PCI configuration access); both are shown.
-                    print(
-                        f"net: {name} failed once: {'; '.join(run.problems)}\n{run.log[-4000:]}",
-                        file=sys.stderr,
-                    )
-                    run = run_vmm(argv, RUN_TIMEOUT)
-                    result = measure(run)
-                if result is None:
-                    reason = "; ".join(run.problems)
-                    failures[name] = f"{reason}; console tail: {run.tail()}"
-                    print(f"net: {name} failed: {reason}\n{run.log[-4000:]}", file=sys.stderr)
-                    continue
-                samples[name].append(result)
-                summary = ", ".join(
-                    f"{job} {m['value']:.2f} MiB/s ({m['cpu_s']:.2f} s CPU for "
-                    f"{m['gib'] * 1024:.0f} MiB, {m['retransmits']} retransmits)"
-                    for job, m in result["jobs"].items()
-                )
-                print(
-                    f"net: {name} round {round_ + 1}: {summary}; {result['wall_s']:.0f} s wall",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        outcome = run_rounds("net", config, RUN_TIMEOUT, measure, _describe)
     finally:
         server.kill()
         server.wait()
-    print(json.dumps({"samples": samples, "failures": failures}), flush=True)
+    print(json.dumps(outcome), flush=True)
     return 0
-
-
-def _median(values: list[float]) -> float | None:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if finite else None
 
 
 def _cpu_s_per_gib(runs: list[dict[str, Any]], jobs: list[str]) -> float | None:
     """Median over runs of the job windows' CPU seconds per GiB moved in them."""
-    per_run = []
-    for run in runs:
-        cpu = sum(run["jobs"][j]["cpu_s"] for j in jobs)
-        gib = sum(run["jobs"][j]["gib"] for j in jobs)
-        if gib > 0 and not math.isnan(cpu):
-            per_run.append(cpu / gib)
-    return statistics.median(per_run) if per_run else None
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
+    return cpu_per_unit(runs, jobs, "gib", 1.0)
 
 
 def report(
@@ -224,8 +188,8 @@ def report(
     nubis_runs = samples.get("nubis") or []
     ratios: dict[str, float | None] = {}
     for name, _args in JOBS:
-        reference = _median([r["jobs"][name]["value"] for r in reference_runs])
-        nubis = _median([r["jobs"][name]["value"] for r in nubis_runs])
+        reference = median([r["jobs"][name]["value"] for r in reference_runs])
+        nubis = median([r["jobs"][name]["value"] for r in nubis_runs])
         if reference is None:
             return 1
         ratio = None if nubis is None else nubis / reference
@@ -233,14 +197,14 @@ def report(
         emit(
             f"net_{name}",
             "MiB/s",
-            _round(nubis, 2),
+            rounded(nubis, 2),
             round(reference, 2),
             REFERENCE_NAME,
             "higher",
             target_ratio=TARGET_RATIO,
             meets_target=None if ratio is None else ratio >= TARGET_RATIO,
-            nubis_cpu_s_per_gib=_round(_cpu_s_per_gib(nubis_runs, [name]), 1),
-            qemu_cpu_s_per_gib=_round(_cpu_s_per_gib(reference_runs, [name]), 1),
+            nubis_cpu_s_per_gib=rounded(_cpu_s_per_gib(nubis_runs, [name]), 1),
+            qemu_cpu_s_per_gib=rounded(_cpu_s_per_gib(reference_runs, [name]), 1),
             samples={
                 vmm: [round(r["jobs"][name]["value"], 2) for r in runs]
                 for vmm, runs in samples.items()
@@ -251,22 +215,19 @@ def report(
             **common,
             nubis_failure=failures.get("nubis"),
         )
-    known = [r for r in ratios.values() if r is not None]
-    geomean = (
-        math.exp(statistics.fmean(math.log(r) for r in known)) if len(known) == len(JOBS) else None
-    )
+    geomean = geometric_mean(list(ratios.values()))
     all_jobs = [name for name, _ in JOBS]
     emit(
         "net",
         "geomean of ratios",
-        _round(geomean),
+        rounded(geomean),
         1.0,
         REFERENCE_NAME,
         "higher",
-        ratios={k: _round(v) for k, v in ratios.items()},
+        ratios={k: rounded(v) for k, v in ratios.items()},
         target_ratio=TARGET_RATIO,
-        nubis_cpu_s_per_gib=_round(_cpu_s_per_gib(nubis_runs, all_jobs), 1),
-        qemu_cpu_s_per_gib=_round(_cpu_s_per_gib(reference_runs, all_jobs), 1),
+        nubis_cpu_s_per_gib=rounded(_cpu_s_per_gib(nubis_runs, all_jobs), 1),
+        qemu_cpu_s_per_gib=rounded(_cpu_s_per_gib(reference_runs, all_jobs), 1),
         wall_s={vmm: [round(r["wall_s"], 1) for r in runs] for vmm, runs in samples.items()},
         **common,
         nubis_failure=failures.get("nubis"),
@@ -277,16 +238,7 @@ def report(
 def main() -> int:
     """Build images, start one testbed session, run each VMM inside it and emit the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=2, help="runs of each VMM (default 2)")
-    parser.add_argument("--runtime", type=int, default=10, help="seconds per iperf3 job")
-    parser.add_argument(
-        "--vmm",
-        action="append",
-        choices=sorted(VMMS),
-        default=None,
-        help="VMMs to run (default all; QEMU is needed for the report)",
-    )
-    parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
+    vmm_arguments(parser, list(VMMS), "seconds per iperf3 job (default 8)")
     args = parser.parse_args()
     if args.inner is not None:
         return inner(json.loads(args.inner))
