@@ -27,6 +27,7 @@ from nubis.virtio.block import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     Block,
+    coalesce,
 )
 from nubis.virtio.device import InterruptKind
 from nubis.virtio.mock import MockChain, MockDriver
@@ -340,3 +341,42 @@ def test_readonly_disk_refuses_writes_before_the_pool(
     finally:
         rig.close()
     assert disk.read_bytes() == CONTENTS
+
+
+def test_touching_buffers_reach_the_disk_as_one_iovec(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shapes: list[list[int]] = []
+    real = os.preadv
+
+    def recording(fd: int, views: Sequence[memoryview], offset: int) -> int:
+        shapes.append([len(view) for view in views])
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(os, "preadv", recording)
+    header = REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 2)
+    # The mock lays a chain's buffers out one after the other: 3 x 512 bytes touch.
+    chain = rig.mock.add_chain([header], [512, 512, 512, 1])
+    rig.driver.activate()
+    rig.driver.wait_used(0, 1)
+    assert rig.mock.take_used() == [(chain.head, 1537)]
+    assert shapes == [[1536]]
+    assert rig.status(chain) == VIRTIO_BLK_S_OK
+    assert rig.mock.read_buffers(chain.writable[:3]) == CONTENTS[1024 : 1024 + 1536]
+
+
+def test_coalesce_joins_only_touching_buffers_of_one_region() -> None:
+    memory = GuestMemory([(0, 0x1000), (0x1000, 0x1000)])
+    try:
+        assert coalesce(memory, [(0x100, 0x100), (0x200, 0x100), (0x400, 0x10)]) == [
+            (0x100, 0x200),
+            (0x400, 0x10),
+        ]
+        # Touching, but across two regions: they stay apart (one slice cannot span both).
+        assert coalesce(memory, [(0xF00, 0x100), (0x1000, 0x100)]) == [
+            (0xF00, 0x100),
+            (0x1000, 0x100),
+        ]
+        assert coalesce(memory, []) == []
+    finally:
+        memory.close()
