@@ -63,11 +63,28 @@ LOG_LINES_SHOWN = 80
 E2E_RERUNS = 1
 
 
+#: Seconds a fresh L1 takes to boot when the testbed replaces a failed one.
+L1_REPLACEMENT_SECONDS = 180
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every e2e test one rerun (see `E2E_RERUNS`)."""
+    """Give every e2e test one rerun (see `E2E_RERUNS`), and a timeout that leaves room for the
+    testbed's own second run of a command on a fresh L1 when the first L1 failed.
+
+    A test's timeout marker states what one run of its guest may take; the testbed may run a
+    command twice (once more after replacing a crashed or wedged L1), so the test as a whole
+    gets twice that plus an L1 boot. Without this, the test was stopped while the second run,
+    on a healthy L1, was still going.
+    """
     for item in items:
-        if item.get_closest_marker("e2e") is not None and item.get_closest_marker("flaky") is None:
+        if item.get_closest_marker("e2e") is None:
+            continue
+        if item.get_closest_marker("flaky") is None:
             item.add_marker(pytest.mark.flaky(reruns=E2E_RERUNS))
+        timeout = item.get_closest_marker("timeout")
+        if timeout is not None and timeout.args:
+            seconds = 2 * float(timeout.args[0]) + L1_REPLACEMENT_SECONDS
+            item.add_marker(pytest.mark.timeout(seconds, **timeout.kwargs), append=False)
 
 
 def _cache_dir() -> Path | None:
@@ -181,6 +198,10 @@ def run_guest(
         if uses_file:
             serial.unlink(missing_ok=True)
             logs.append(serial)
+            # Every run starts a fresh log, including the testbed's second run of the command
+            # after replacing a failed L1 (nubis appends to its serial file, and the first
+            # run's lines would be read as the second's).
+            argv = ["sh", "-c", 'rm -f "$0" && exec "$@"', str(serial), *argv]
         try:
             result = testbed.run(argv, timeout)
         except CommandTimeoutError as exc:
