@@ -28,6 +28,25 @@ from typing import Any
 
 CONSOLE_TAIL_LINES = 25
 
+#: The start of both VMMs' command lines for a guest with the read-only root disk: the same
+#: kernel, initramfs, command line, 2 vCPUs and 256 MiB; console on standard output, a reset ends
+#: the VMM. QEMU runs microvm with a PCIe host bridge, so the guest's drivers are virtio-pci as
+#: with nubis. Placeholders: ``{kernel}``, ``{initramfs}``, ``{cmdline}``, ``{rootfs}``,
+#: ``{bindir}`` (the virtual environment's bin directory).
+QEMU_ROOT_DISK_ARGV: tuple[str, ...] = (
+    "qemu-system-x86_64", "-M", "microvm,pcie=on", "-enable-kvm", "-cpu", "host",
+    "-smp", "2", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
+    "-serial", "stdio", "-kernel", "{kernel}", "-initrd", "{initramfs}",
+    "-append", "{cmdline}", "-no-reboot",
+    "-drive", "if=none,id=root,file={rootfs},format=raw,readonly=on",
+    "-device", "virtio-blk-pci,drive=root,num-queues=1",
+)  # fmt: skip
+NUBIS_ROOT_DISK_ARGV: tuple[str, ...] = (
+    "{bindir}/nubis", "--kernel", "{kernel}", "--initramfs", "{initramfs}",
+    "--cmdline", "{cmdline}", "--cpus", "boot=2", "--memory", "size=256M", "--serial", "tty",
+    "--no-reboot",
+)  # fmt: skip
+
 #: Guest shell function printing file $2 as a ``BENCH-JSON $1`` line.
 GUEST_REPORT_FUNCTION = "report() { echo BENCH-JSON $1 $(gzip -c $2 | base64 | tr -d '\\n'); }\n"
 

@@ -63,6 +63,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _guestrun import (
     GUEST_REPORT_FUNCTION,
+    NUBIS_ROOT_DISK_ARGV,
+    QEMU_ROOT_DISK_ARGV,
     GuestRun,
     cpu_per_unit,
     geometric_mean,
@@ -77,19 +79,13 @@ REFERENCE = "qemu"
 REFERENCE_NAME = "qemu-microvm-pcie"
 VMMS: dict[str, list[str]] = {
     "qemu": [
-        "qemu-system-x86_64", "-M", "microvm,pcie=on", "-enable-kvm", "-cpu", "host",
-        "-smp", "2", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
-        "-serial", "stdio", "-kernel", "{kernel}", "-initrd", "{initramfs}",
-        "-append", "{cmdline}", "-no-reboot",
-        "-drive", "if=none,id=root,file={rootfs},format=raw,readonly=on",
-        "-device", "virtio-blk-pci,drive=root,num-queues=1",
+        *QEMU_ROOT_DISK_ARGV,
         "-drive", "if=none,id=data,file={data},format=raw,cache=none,aio=native",
         "-device", "virtio-blk-pci,drive=data,num-queues=1",
     ],
     "nubis": [
-        "{bindir}/nubis", "--kernel", "{kernel}", "--initramfs", "{initramfs}",
-        "--cmdline", "{cmdline}", "--cpus", "boot=2", "--memory", "size=256M", "--serial", "tty",
-        "--no-reboot", "--disk", "path={rootfs},readonly=on", "path={data},direct=on",
+        *NUBIS_ROOT_DISK_ARGV,
+        "--disk", "path={rootfs},readonly=on", "path={data},direct=on",
     ],
 }  # fmt: skip
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _guestrun import Killer
 from _report import emit
 
 MARKER = b"NUBIS-USERSPACE"
@@ -57,7 +58,7 @@ def time_boot(argv: list[str], timeout: float) -> tuple[float | None, str]:
     assert proc.stdout is not None
     marker_at: float | None = None
     lines: list[bytes] = []
-    killer = _Killer(proc, timeout)
+    killer = Killer(proc, timeout)
     for line in iter(proc.stdout.readline, b""):
         if marker_at is None and MARKER in line:
             marker_at = time.monotonic() - started
@@ -65,20 +66,6 @@ def time_boot(argv: list[str], timeout: float) -> tuple[float | None, str]:
     proc.wait()
     killer.cancel()
     return marker_at, b"".join(lines).decode(errors="replace")
-
-
-class _Killer:
-    """Kills a process that outlives its timeout (so a hung boot cannot stall the benchmark)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        import threading
-
-        self._timer = threading.Timer(timeout, proc.kill)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
 
 
 def inner(config: dict[str, object]) -> int:

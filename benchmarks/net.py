@@ -51,6 +51,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _guestrun import (
     GUEST_REPORT_FUNCTION,
+    NUBIS_ROOT_DISK_ARGV,
+    QEMU_ROOT_DISK_ARGV,
     GuestRun,
     cpu_per_unit,
     geometric_mean,
@@ -69,19 +71,13 @@ GUEST_IP = "192.168.251.2"
 MAC = "02:6e:75:62:01:01"
 VMMS: dict[str, list[str]] = {
     "qemu": [
-        "qemu-system-x86_64", "-M", "microvm,pcie=on", "-enable-kvm", "-cpu", "host",
-        "-smp", "2", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
-        "-serial", "stdio", "-kernel", "{kernel}", "-initrd", "{initramfs}",
-        "-append", "{cmdline}", "-no-reboot",
-        "-drive", "if=none,id=root,file={rootfs},format=raw,readonly=on",
-        "-device", "virtio-blk-pci,drive=root,num-queues=1",
+        *QEMU_ROOT_DISK_ARGV,
         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
         "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
     ],
     "nubis": [
-        "{bindir}/nubis", "--kernel", "{kernel}", "--initramfs", "{initramfs}",
-        "--cmdline", "{cmdline}", "--cpus", "boot=2", "--memory", "size=256M", "--serial", "tty",
-        "--no-reboot", "--disk", "path={rootfs},readonly=on", "--net", f"tap={TAP},mac={MAC}",
+        *NUBIS_ROOT_DISK_ARGV,
+        "--disk", "path={rootfs},readonly=on", "--net", f"tap={TAP},mac={MAC}",
     ],
 }  # fmt: skip
 

@@ -83,42 +83,36 @@ class Logger:
             return False
         return self._real().isEnabledFor(level)
 
+    def _emit(self, level: int, msg: object, args: tuple[object, ...], kwargs: Any) -> None:
+        # Two frames (this one and the public method) lie between the caller and logging.
+        if self.isEnabledFor(level):
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
+            self._real().log(level, msg, *args, **kwargs)
+
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         """Log ``msg % args`` at ``level``."""
-        if self.isEnabledFor(level):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._real().log(level, msg, *args, **kwargs)
+        self._emit(level, msg, args, kwargs)
 
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Log at DEBUG."""
-        if self.isEnabledFor(DEBUG):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._real().debug(msg, *args, **kwargs)
+        self._emit(DEBUG, msg, args, kwargs)
 
     def info(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Log at INFO."""
-        if self.isEnabledFor(INFO):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._real().info(msg, *args, **kwargs)
+        self._emit(INFO, msg, args, kwargs)
 
     def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Log at WARNING."""
-        if self.isEnabledFor(WARNING):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._real().warning(msg, *args, **kwargs)
+        self._emit(WARNING, msg, args, kwargs)
 
     def error(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Log at ERROR."""
-        if self.isEnabledFor(ERROR):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._real().error(msg, *args, **kwargs)
+        self._emit(ERROR, msg, args, kwargs)
 
     def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Log at ERROR with the exception being handled."""
-        if self.isEnabledFor(ERROR):
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            kwargs.setdefault("exc_info", True)
-            self._real().error(msg, *args, **kwargs)
+        kwargs.setdefault("exc_info", True)
+        self._emit(ERROR, msg, args, kwargs)
 
 
 def getLogger(name: str) -> Logger:

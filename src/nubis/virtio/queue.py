@@ -36,7 +36,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from nubis._typing import NamedTuple
 from nubis.memory import GuestMemoryError
@@ -408,17 +408,9 @@ class Queue:
 
         The used element is stored before the used index that publishes it.
         """
-        self.validate(memory)
-        if not 0 <= head_index < self.size:
-            raise QueueError(f"used entry names descriptor {head_index}, beyond queue size")
-        if not 0 <= written_len <= 0xFFFFFFFF:
-            raise QueueError(f"used length {written_len} does not fit in 32 bits")
-        slot = RING_HEADER.size + USED_ELEM.size * (self.next_used & (self.size - 1))
-        USED_ELEM.pack_into(self._used_view, slot, head_index, written_len)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        self._used_u16[1] = self.next_used
+        self.add_used_many(memory, ((head_index, written_len),))
 
-    def add_used_many(self, memory: GuestMemory, used: list[tuple[int, int]]) -> None:
+    def add_used_many(self, memory: GuestMemory, used: Sequence[tuple[int, int]]) -> None:
         """Return several chains at once, as ``add_used`` for each ``(head_index, written_len)``
         but publishing the used index once, after every element is stored.
         """
@@ -433,8 +425,8 @@ class Queue:
                 raise QueueError(f"used entry names descriptor {head_index}, beyond queue size")
             if not 0 <= written_len <= 0xFFFFFFFF:
                 raise QueueError(f"used length {written_len} does not fit in 32 bits")
-            pack_into(view, RING_HEADER.size + USED_ELEM.size * (next_used & mask), head_index,
-                      written_len)  # fmt: skip
+            slot = RING_HEADER.size + USED_ELEM.size * (next_used & mask)
+            pack_into(view, slot, head_index, written_len)
             next_used = (next_used + 1) & 0xFFFF
         self.next_used = next_used
         self._used_u16[1] = next_used
