@@ -27,8 +27,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The venv is built on Debian's own python3 (installed above), named by path: another python3
+# found first on PATH (a pyenv or hand-built one, often without PGO/LTO and with a shared
+# libpython) starts nubis about a quarter slower. A venv made from another interpreter is rebuilt.
+PYTHON=/usr/bin/python3
+if [ -x .venv/bin/python ] && ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 # Byte-compile nubis once, so no process (nor the nested test host, which sees this tree
