@@ -13,9 +13,9 @@ back together, so a window that has been fully freed is again one range.
 from __future__ import annotations
 
 import bisect
-import enum
 import threading
 
+from nubis._enum import Enum
 from nubis._frozen import Frozen
 
 TYPE_CHECKING = False
@@ -31,7 +31,7 @@ class AllocatorError(ValueError):
     """An allocation or release the allocator cannot satisfy."""
 
 
-class AllocPolicy(enum.Enum):
+class AllocPolicy(Enum):
     """Where in the free space an allocation goes when no exact address is asked for."""
 
     FIRST_MATCH = "first"

@@ -23,10 +23,10 @@ optional `Trigger` objects when the CTR enables it.
 from __future__ import annotations
 
 import collections
-import enum
 import threading
 from collections.abc import Callable
 
+from nubis._enum import IntEnum, IntFlag
 from nubis._log import DEBUG, getLogger
 from nubis.devices.interrupt import Trigger
 
@@ -42,7 +42,7 @@ _DATA_PORT: Final = 0x60
 _COMMAND_PORT: Final = 0x64
 
 
-class Status(enum.IntFlag):
+class Status(IntFlag):
     """Status register bits (port 0x64 read)."""
 
     OUTPUT_FULL = 0x01
@@ -55,7 +55,7 @@ class Status(enum.IntFlag):
     PARITY_ERROR = 0x80
 
 
-class Ctr(enum.IntFlag):
+class Ctr(IntFlag):
     """Controller configuration byte ("command byte") bits."""
 
     KEYBOARD_INTERRUPT = 0x01
@@ -67,7 +67,7 @@ class Ctr(enum.IntFlag):
     TRANSLATE = 0x40
 
 
-class Command(enum.IntEnum):
+class Command(IntEnum):
     """Controller commands written to port 0x64."""
 
     READ_CTR = 0x20

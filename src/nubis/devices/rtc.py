@@ -22,10 +22,11 @@ host. Every other index is a plain CMOS RAM byte.
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from collections.abc import Callable
+
+from nubis._enum import IntEnum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ _INDEX_MASK: Final = 0x7F
 _NMI_DISABLE: Final = 0x80
 
 
-class RtcRegister(enum.IntEnum):
+class RtcRegister(IntEnum):
     """CMOS indices with a clock meaning."""
 
     SECONDS = 0x00

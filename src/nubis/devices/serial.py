@@ -24,9 +24,9 @@ to RI, OUT2 to DCD) and transmitted bytes are received instead of being written 
 from __future__ import annotations
 
 import collections
-import enum
 import threading
 
+from nubis._enum import IntEnum, IntFlag
 from nubis._log import getLogger
 from nubis._typing import Protocol
 from nubis.devices.interrupt import Trigger
@@ -50,7 +50,7 @@ FIFO_SIZE: Final = 64
 """Receive FIFO capacity. A 16550A has 16 bytes; more lets bursts from the host through."""
 
 
-class Register(enum.IntEnum):
+class Register(IntEnum):
     """Register offsets from the UART's base port (PC16550D, table II)."""
 
     DATA = 0  # RBR on read, THR on write; DLL when LCR.DLAB is set
@@ -63,7 +63,7 @@ class Register(enum.IntEnum):
     SCR = 7
 
 
-class Ier(enum.IntFlag):
+class Ier(IntFlag):
     """Interrupt enable register bits."""
 
     RDI = 0x01  # received data available
@@ -72,7 +72,7 @@ class Ier(enum.IntFlag):
     MSI = 0x08  # modem status
 
 
-class Iir(enum.IntEnum):
+class Iir(IntEnum):
     """Interrupt identification values (bits 3:0), highest priority first."""
 
     RECEIVER_LINE_STATUS = 0x06
@@ -86,7 +86,7 @@ IIR_FIFO_ENABLED: Final = 0xC0
 """IIR bits 7:6, both set while FCR bit 0 has the FIFOs enabled."""
 
 
-class Fcr(enum.IntFlag):
+class Fcr(IntFlag):
     """FIFO control register bits (bits 7:6 are the receive trigger level, not modelled)."""
 
     ENABLE = 0x01
@@ -94,13 +94,13 @@ class Fcr(enum.IntFlag):
     CLEAR_TX = 0x04
 
 
-class Lcr(enum.IntFlag):
+class Lcr(IntFlag):
     """Line control register bits that change register decoding."""
 
     DLAB = 0x80
 
 
-class Mcr(enum.IntFlag):
+class Mcr(IntFlag):
     """Modem control register bits."""
 
     DTR = 0x01
@@ -110,7 +110,7 @@ class Mcr(enum.IntFlag):
     LOOP = 0x10
 
 
-class Lsr(enum.IntFlag):
+class Lsr(IntFlag):
     """Line status register bits."""
 
     DATA_READY = 0x01
@@ -123,7 +123,7 @@ class Lsr(enum.IntFlag):
     FIFO_ERROR = 0x80
 
 
-class Msr(enum.IntFlag):
+class Msr(IntFlag):
     """Modem status register bits: deltas in 3:0, line states in 7:4."""
 
     DELTA_CTS = 0x01

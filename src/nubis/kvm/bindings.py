@@ -14,7 +14,8 @@ correctly sized buffer type for ``n`` entries.
 from __future__ import annotations
 
 import ctypes
-import enum
+
+from nubis._enum import IntEnum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ KVM_VCPUEVENT_VALID_SHADOW: Final = 0x04
 KVM_VCPUEVENT_VALID_SMM: Final = 0x08
 
 
-class ExitReason(enum.IntEnum):
+class ExitReason(IntEnum):
     """``kvm_run.exit_reason`` values (api.rst section 5, "KVM_EXIT_*")."""
 
     UNKNOWN = 0
@@ -108,7 +109,7 @@ class ExitReason(enum.IntEnum):
     NOTIFY = 37
 
 
-class SystemEventType(enum.IntEnum):
+class SystemEventType(IntEnum):
     """``kvm_run.system_event.type`` values."""
 
     SHUTDOWN = 1
@@ -119,7 +120,7 @@ class SystemEventType(enum.IntEnum):
     SEV_TERM = 6
 
 
-class InternalErrorSuberror(enum.IntEnum):
+class InternalErrorSuberror(IntEnum):
     """``kvm_run.internal.suberror`` values."""
 
     EMULATION = 1
@@ -128,7 +129,7 @@ class InternalErrorSuberror(enum.IntEnum):
     UNEXPECTED_EXIT_REASON = 4
 
 
-class MpState(enum.IntEnum):
+class MpState(IntEnum):
     """``kvm_mp_state.mp_state`` values (api.rst 4.38)."""
 
     RUNNABLE = 0
@@ -144,7 +145,7 @@ class MpState(enum.IntEnum):
     SUSPENDED = 10
 
 
-class Cap(enum.IntEnum):
+class Cap(IntEnum):
     """``KVM_CAP_*`` extension numbers for ``KVM_CHECK_EXTENSION`` (api.rst section 8)."""
 
     IRQCHIP = 0

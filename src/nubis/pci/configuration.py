@@ -18,9 +18,9 @@ The model does no I/O and holds no lock; the owner of the function serialises ac
 
 from __future__ import annotations
 
-import enum
 import struct
 
+from nubis._enum import Enum, IntEnum
 from nubis._frozen import Frozen, replace
 from nubis._log import DEBUG, getLogger
 
@@ -56,7 +56,7 @@ CAPABILITIES_START: Final = 0x40
 TYPE0_HEADER: Final = struct.Struct("<HHHHBBBBBBBB6IIHHIB7xBBBB")
 
 
-class PciHeaderOffset(enum.IntEnum):
+class PciHeaderOffset(IntEnum):
     """Byte offsets of the type 0 header fields (PCI Local Bus 3.0, section 6.1)."""
 
     VENDOR_ID = 0x00
@@ -97,7 +97,7 @@ _MIN_BAR_SIZE: Final = 16
 _U32: Final = 0xFFFF_FFFF
 
 
-class BarKind(enum.Enum):
+class BarKind(Enum):
     """The address space a memory BAR decodes (PCI Local Bus 3.0, section 6.2.5.1)."""
 
     MEMORY32 = "memory32"

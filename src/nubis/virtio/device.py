@@ -8,9 +8,9 @@ and activates the device with everything it needs once the driver sets DRIVER_OK
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 
+from nubis._enum import Enum, IntEnum, IntFlag
 from nubis._frozen import Frozen
 from nubis._typing import Protocol
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from nubis.virtio.queue import Queue
 
 
-class DeviceType(enum.IntEnum):
+class DeviceType(IntEnum):
     """virtio device ids (virtio 1.2, section 5); the PCI device id is 0x1040 + the id."""
 
     NET = 1
@@ -31,7 +31,7 @@ class DeviceType(enum.IntEnum):
     VSOCK = 19
 
 
-class DeviceStatus(enum.IntFlag):
+class DeviceStatus(IntFlag):
     """Bits of the device status field (virtio 1.2, section 2.1)."""
 
     ACKNOWLEDGE = 1
@@ -49,7 +49,7 @@ VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_ACCESS_PLATFORM = 33
 
 
-class InterruptKind(enum.Enum):
+class InterruptKind(Enum):
     """Why a device interrupts the driver: a used buffer on a queue, or a config change."""
 
     QUEUE = "queue"

@@ -31,12 +31,12 @@ the device cannot work with the driver's setup, answered with DEVICE_NEEDS_RESET
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
 
+from nubis._enum import IntEnum
 from nubis._log import DEBUG, getLogger
 from nubis._typing import NamedTuple, Protocol
 from nubis.pci.configuration import BarKind, BarReprogramming, PciBar, PciConfiguration
@@ -103,7 +103,7 @@ ISR_QUEUE: Final = 0x1
 ISR_CONFIG: Final = 0x2
 
 
-class VirtioPciCapType(enum.IntEnum):
+class VirtioPciCapType(IntEnum):
     """The ``cfg_type`` of a virtio vendor capability (4.1.4)."""
 
     COMMON_CFG = 1

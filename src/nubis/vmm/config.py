@@ -9,10 +9,10 @@ how much memory does the host have) are in :meth:`VmConfig.check_host`.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Mapping
 
+from nubis._enum import Enum
 from nubis._frozen import Frozen
 
 TYPE_CHECKING = False
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message is one sentence for a person."""
 
 
-class ConsoleMode(enum.Enum):
+class ConsoleMode(Enum):
     """Where a console's output goes (and input comes from, in tty mode)."""
 
     OFF = "Off"
@@ -133,7 +133,7 @@ def _refuse_unknown(name: str, data: Mapping[str, Any], known: set[str]) -> None
 def _as_dict(value: Frozen) -> dict[str, Any]:
     """One section's JSON object: its fields by name, enums by their value."""
     return {
-        name: item.value if isinstance(item, enum.Enum) else item
+        name: item.value if isinstance(item, Enum) else item
         for name, item in zip(value._field_names, value._values(), strict=True)
     }
 

@@ -13,8 +13,7 @@ turns into a 4xx answer; the VM keeps running.
 
 from __future__ import annotations
 
-import enum
-
+from nubis._enum import Enum
 from nubis._typing import Protocol
 from nubis.vmm.config import VmConfig
 
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-class VmState(enum.Enum):
+class VmState(Enum):
     """The lifecycle state of the one VM a nubis process manages (``vm.info``'s ``state``)."""
 
     CREATED = "Created"
@@ -32,7 +31,7 @@ class VmState(enum.Enum):
     SHUTDOWN = "Shutdown"
 
 
-class VmAction(enum.Enum):
+class VmAction(Enum):
     """A lifecycle request."""
 
     CREATE = "create"

@@ -16,10 +16,10 @@ difference between a usable and an unusable guest.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable
 
+from nubis._enum import Enum
 from nubis._frozen import Frozen
 from nubis._log import getLogger, import_logging
 from nubis.acpi.dsdt import GedConfig
@@ -68,7 +68,7 @@ _BZIMAGE_MAGIC = b"HdrS"
 _LINUX_BANNER = b"Linux version "
 
 
-class ExitKind(enum.Enum):
+class ExitKind(Enum):
     """Why a machine stopped running."""
 
     POWER_OFF = "power-off"
@@ -185,14 +185,17 @@ class Machine:
         vm = self.vm
         vm.set_tss_address(layout.KVM_TSS_START)
         vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_START)
-        vm.create_irq_chip()
-        vm.create_pit2()
 
         ranges = layout.ram_ranges(self.config.memory.size)
         self.memory = GuestMemory(ranges, shared=self.config.memory.shared)
         self._closers.append(self.memory.close)
         for slot, region in enumerate(self.memory.regions):
             vm.set_user_memory_region(slot, region.start, region.size, region.host_address)
+        # The irqchip comes after the RAM slots: once it exists (with the APIC access page
+        # it maps), each KVM_SET_USER_MEMORY_REGION took about 5 ms instead of 0.2 ms on the
+        # hosts measured. KVM only needs it before the first vCPU.
+        vm.create_irq_chip()
+        vm.create_pit2()
 
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")

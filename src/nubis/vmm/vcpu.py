@@ -29,11 +29,10 @@ main thread. `install_kick_handler` installs it, and must run in the main thread
 
 from __future__ import annotations
 
-import enum
-import signal
 import threading
 from collections.abc import Callable
 
+from nubis._enum import Enum, IntEnum
 from nubis._frozen import Frozen
 from nubis._typing import Protocol
 from nubis.kvm import KvmError, SystemEventType, VcpuFd
@@ -54,7 +53,12 @@ from nubis.kvm.exits import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from typing import Final
+else:
+    # The C module behind :mod:`signal`: the same functions and constants, without
+    # :mod:`signal`'s enum wrappers, whose import is a noticeable part of a launch.
+    import _signal as signal
 
 __all__ = [
     "KICK_SIGNAL",
@@ -86,7 +90,7 @@ class IoBus(Protocol):
         ...
 
 
-class VcpuState(enum.Enum):
+class VcpuState(Enum):
     """Where a vCPU is in its life."""
 
     CREATED = "created"
@@ -402,7 +406,7 @@ class Vcpu:
         )
 
 
-def _name(enum_type: type[enum.IntEnum], value: int) -> str:
+def _name(enum_type: type[IntEnum], value: int) -> str:
     try:
         return f"{enum_type(value).name} ({value})"
     except ValueError:

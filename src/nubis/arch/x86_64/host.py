@@ -15,9 +15,9 @@ The check reads only files, under roots that tests replace with fake trees.
 
 from __future__ import annotations
 
-import enum
 import os
 
+from nubis._enum import Enum
 from nubis._frozen import Frozen
 
 TYPE_CHECKING = False
@@ -29,7 +29,7 @@ NESTED_HOST_HINT: Final = (
 )
 
 
-class KvmKind(enum.Enum):
+class KvmKind(Enum):
     """The virtualization technology behind /dev/kvm."""
 
     NONE = "none"

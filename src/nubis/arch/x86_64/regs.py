@@ -22,8 +22,7 @@ same descriptors it runs with.
 
 from __future__ import annotations
 
-import enum
-
+from nubis._enum import Enum
 from nubis._frozen import Frozen
 from nubis._typing import Protocol
 from nubis.arch.x86_64 import gdt, paging
@@ -50,7 +49,7 @@ EFER_LMA: Final = 1 << 10
 RFLAGS_RESERVED: Final = 1 << 1  # bit 1 always reads as 1; IF stays clear
 
 
-class BootProtocol(enum.Enum):
+class BootProtocol(Enum):
     """How the kernel is entered."""
 
     LINUX64 = "linux64"
