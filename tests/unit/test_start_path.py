@@ -28,6 +28,7 @@ def test_booting_a_plain_vm_imports_no_heavy_module() -> None:
     assert loaded & heavy == set()
     # Device models and loaders the VM does not use stay unimported too.
     unused = {"nubis.virtio.block", "nubis.virtio.rng", "nubis.virtio.net", "nubis.loader.bzimage"}
+    unused |= {"nubis.virtio.pci", "nubis.virtio.queue"}  # no virtio device configured
     assert loaded & unused == set()
 
 

@@ -46,7 +46,6 @@ from nubis.loader.pvh import configure_pvh
 from nubis.memory import GuestMemory
 from nubis.pci.mapping import PciBarAllocator, PciMmioMapper
 from nubis.pci.root import PciBus, PciConfigIo, PciConfigMmio
-from nubis.virtio.pci import VirtioPciDevice
 from nubis.vmm.config import MAX_CMDLINE_SIZE, ConsoleMode, VmConfig
 from nubis.vmm.console import FdOutput, TerminalInput, open_output
 from nubis.vmm.events import EventMonitor
@@ -300,6 +299,10 @@ class Machine:
         )
         ioevents = KvmIoEvents(self.vm)
         for device_id, device in self._virtio_devices(interactive):
+            # Imported here: a VM without virtio devices (a launch-time guest) never needs
+            # the transport, its queues or MSI-X.
+            from nubis.virtio.pci import VirtioPciDevice
+
             vectors = MsiVectors(self.vm, routing, len(device.queue_max_sizes) + 1)
             self._closers.append(vectors.close)
             transport = VirtioPciDevice(
