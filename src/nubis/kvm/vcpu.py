@@ -17,7 +17,6 @@ argument is also the cheapest call path from Python (no ctypes argument conversi
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import mmap
@@ -132,8 +131,10 @@ class VcpuFd:
         self._mmio_view.release()
         self._view.release()
         # A caller may still hold a data view; the mapping then goes away with it.
-        with contextlib.suppress(BufferError):
+        try:
             self._run_map.close()
+        except BufferError:
+            pass
         os.close(self.fd)
 
     # --- the run loop's side ------------------------------------------------------------

@@ -8,7 +8,6 @@ writer with ``write``/``flush`` and receive input through a callback, so they st
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import sys
@@ -128,24 +127,32 @@ class TerminalInput:
     def start(self) -> None:
         """Enter raw mode (on a terminal) and start forwarding."""
         if os.isatty(self._fd):
-            with contextlib.suppress(termios.error):
+            try:
                 self._saved = termios.tcgetattr(self._fd)
                 tty.setraw(self._fd, termios.TCSANOW)
+            except termios.error:
+                pass
         self._thread.start()
 
     def stop(self) -> None:
         """Stop forwarding and restore the terminal."""
-        with contextlib.suppress(OSError):
+        try:
             os.write(self._stop_w, b"x")
+        except OSError:
+            pass
         if self._thread.is_alive():
             self._thread.join(timeout=1.0)
         if self._saved is not None:
-            with contextlib.suppress(termios.error):
+            try:
                 termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)  # type: ignore[arg-type]
+            except termios.error:
+                pass
             self._saved = None
         for fd in (self._stop_r, self._stop_w):
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
 
     def _run(self) -> None:
         pending = b""

@@ -19,7 +19,6 @@ because its observer did. :class:`NullEventMonitor` is the monitor when none is 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Mapping
@@ -128,8 +127,10 @@ class EventMonitor:
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            with contextlib.suppress(OSError):
+            try:
                 stream.close()
+            except OSError:
+                pass
 
 
 class NullEventMonitor(EventMonitor):

@@ -49,7 +49,6 @@ from nubis.pci.root import PciBus, PciConfigIo, PciConfigMmio
 from nubis.vmm.config import MAX_CMDLINE_SIZE, ConsoleMode, VmConfig
 from nubis.vmm.console import FdOutput, TerminalInput, open_output
 from nubis.vmm.events import EventMonitor
-from nubis.vmm.interrupts import GsiRouting, KvmIoEvents, MsiVectors
 from nubis.vmm.vcpu import GuestHalted, GuestPowerOff, GuestReset, Vcpu, VcpuEvent, VcpuFailure
 
 TYPE_CHECKING = False
@@ -288,7 +287,6 @@ class Machine:
 
     def _add_pci_devices(self, interactive: bool) -> None:
         """The PCI segment (CF8/CFC and ECAM) with one virtio-pci device per configured device."""
-        routing = GsiRouting(self.vm)
         mapper = PciMmioMapper(self.mmio_bus, PciBarAllocator.for_ram_size(self.config.memory.size))
         self.pci_bus = PciBus(mapper)
         self.pio_bus.insert(
@@ -297,12 +295,17 @@ class Machine:
         self.mmio_bus.insert(
             PciConfigMmio(self.pci_bus), layout.PCI_MMCONFIG_START, layout.PCI_MMCONFIG_SIZE
         )
-        ioevents = KvmIoEvents(self.vm)
-        for device_id, device in self._virtio_devices(interactive):
-            # Imported here: a VM without virtio devices (a launch-time guest) never needs
-            # the transport, its queues or MSI-X.
-            from nubis.virtio.pci import VirtioPciDevice
+        devices = self._virtio_devices(interactive)
+        if not devices:
+            return
+        # Imported here: a VM without virtio devices (a launch-time guest) never needs the
+        # transport, its queues, MSI-X or GSI routing.
+        from nubis.virtio.pci import VirtioPciDevice
+        from nubis.vmm.interrupts import GsiRouting, KvmIoEvents, MsiVectors
 
+        routing = GsiRouting(self.vm)
+        ioevents = KvmIoEvents(self.vm)
+        for device_id, device in devices:
             vectors = MsiVectors(self.vm, routing, len(device.queue_max_sizes) + 1)
             self._closers.append(vectors.close)
             transport = VirtioPciDevice(
