@@ -41,3 +41,5 @@ fi
 # Byte-compile nubis once, so no process (nor the nested test host, which sees this tree
 # read-only) compiles it again at start-up.
 .venv/bin/python -m compileall -q src >/dev/null
+# ...and bundle its compiled modules into one file, which a launch reads instead of ~70 (nubis._bundle).
+.venv/bin/python -c 'from nubis._bundle import build_nubis; build_nubis()'

@@ -6,3 +6,9 @@ describe exactly that. See the package table in the README for which subpackage 
 """
 
 __version__ = "0.1.0"
+
+# nubis's own modules come from one pre-compiled file when there is an up-to-date one
+# (see nubis._bundle): it takes a tenth off every launch.
+from nubis import _bundle
+
+_bundle.install(__path__[0])
