@@ -308,6 +308,48 @@ def test_completions_are_batched_into_one_interrupt(
     assert rig.queue_interrupts() - before == 1
 
 
+def test_a_burst_of_completions_wakes_the_worker_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(os.preadv)
+    monkeypatch.setattr(os, "preadv", gate)
+    wakeups: list[int] = []
+    real_write = os.eventfd_write
+
+    def counting_write(fd: int, value: int) -> None:
+        if fd == rig.block._done_fd:
+            wakeups.append(value)
+        real_write(fd, value)
+
+    monkeypatch.setattr(os, "eventfd_write", counting_write)
+    # Hold the worker's completion handler until every read has finished.
+    handler_gate = threading.Event()
+    real_handler = rig.block._completions_ready
+
+    def held_handler() -> None:
+        handler_gate.wait(20)
+        real_handler()
+
+    monkeypatch.setattr(rig.block, "_completions_ready", held_handler)
+    chains = [rig.add(VIRTIO_BLK_T_IN, i, read_len=512) for i in range(5)]
+    rig.driver.activate()
+    _poll(lambda: gate.inside == 5)
+    gate.opened.set()
+    _poll(lambda: gate.finished == 5)
+    time.sleep(0.05)
+    # Five completions while the worker had not yet taken the first: one wake-up.
+    assert len(wakeups) == 1
+    handler_gate.set()
+    rig.driver.wait_used(0, 5)
+    assert sorted(_used_heads(rig.mock.take_used())) == sorted(c.head for c in chains)
+    # Once the worker has taken them, the next completion wakes it again.
+    later = rig.add(VIRTIO_BLK_T_IN, 9, read_len=512)
+    rig.driver.notify(0)
+    rig.driver.wait_used(0, 1)
+    assert rig.mock.take_used() == [(later.head, 513)]
+    assert len(wakeups) == 2
+
+
 def test_io_errors_in_the_pool_become_ioerr(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_preadv(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
         raise OSError(errno.EIO, "Input/output error")

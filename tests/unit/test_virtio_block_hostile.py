@@ -22,9 +22,11 @@ from nubis.virtio.block import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
     Block,
+    split_request,
+    split_request_anyhow,
 )
 from nubis.virtio.mock import MockDriver
-from nubis.virtio.queue import VIRTQ_DESC_F_WRITE
+from nubis.virtio.queue import VIRTQ_DESC_F_WRITE, Descriptor, DescriptorChain
 
 SECTORS = 64
 DISK = bytes(range(256)) * (SECTORS * 2)
@@ -190,3 +192,23 @@ def test_a_valid_request_still_works_after_hostile_ones(scratch: str) -> None:
         assert memory.read(ok.writable[0][0], 512) == DISK[512:1024]
         block.shutdown()
         driver.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    readable=st.lists(st.sampled_from([0, 1, 15, 16, 17, 512, 4096]), max_size=4),
+    writable=st.lists(st.sampled_from([0, 1, 2, 512, 4096]), max_size=4),
+)
+def test_the_usual_framing_splits_as_any_framing_does(
+    readable: list[int], writable: list[int]
+) -> None:
+    # Each buffer at its own address, so that a mix-up of buffers shows.
+    lengths = [*readable, *writable]
+    if not lengths:
+        return
+    descriptors = [
+        Descriptor(0x10000 * (i + 1), length, VIRTQ_DESC_F_WRITE if i >= len(readable) else 0, 0)
+        for i, length in enumerate(lengths)
+    ]
+    chain = DescriptorChain(0, descriptors, len(readable))
+    assert split_request(chain) == split_request_anyhow(chain)

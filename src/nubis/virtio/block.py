@@ -19,8 +19,9 @@ keeps popping. The split of work keeps every guest-controlled decision on the wo
 * the worker pops a chain, parses and checks the request (header, type, range, read-only) as
   before, and either answers it at once (errors, GET_ID) or hands the I/O to the pool;
 * an I/O thread only slices guest memory at addresses the queue already checked, moves the
-  bytes, releases its views and appends the finished request to a deque, then writes an
-  eventfd that the worker's epoll watches;
+  bytes, releases its views and appends the finished request to a deque; it writes the eventfd
+  that the worker's epoll watches only when the worker has not been woken already since it
+  last took the deque, so a burst of completions costs one wake-up;
 * only the worker writes status bytes and used entries and signals the driver: it takes every
   finished request at once and raises one interrupt for the lot (``signal_used``, so
   EVENT_IDX suppression still applies). Used entries may come out of order, which the split
@@ -311,6 +312,9 @@ class Block(QueueDevice):
         self._done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._threads: list[threading.Thread] = []
         self._inflight = 0
+        # Set by the I/O thread that wrote _done_fd; the worker clears it after reading
+        # _done_fd and before taking _done, so a completion appended later wakes it again.
+        self._done_signalled = False
 
     # --- VirtioDevice -------------------------------------------------------------------------
 
@@ -421,6 +425,7 @@ class Block(QueueDevice):
 
     def _completions_ready(self) -> None:
         clear_eventfd(self._done_fd)
+        self._done_signalled = False
         memory = self.memory
         if memory is None or self.failed:
             return
@@ -434,7 +439,7 @@ class Block(QueueDevice):
         """
         done = self._done
         counters = self._counters
-        published = 0
+        used: list[tuple[int, int]] = []
         while done:
             request = done.popleft()
             self._inflight -= 1
@@ -448,12 +453,14 @@ class Block(QueueDevice):
                     counters["read_bytes"] += request.length
             else:
                 counters["io_errors"] += 1
-            if memory is not None and queue is not None:
+            if memory is not None:
                 memory.slice(request.status_addr, 1)[0] = request.status
                 written = 0 if request.write or request.status else request.length
-                queue.add_used(memory, request.head, written + 1)
-                published += 1
-        return published
+                used.append((request.head, written + 1))
+        if used and memory is not None and queue is not None:
+            # The status bytes are in place before the used index that publishes them.
+            queue.add_used_many(memory, used)
+        return len(used)
 
     def _wait_idle(self, memory: GuestMemory | None, queue: Queue | None) -> int:
         """Block until no request is in flight; returns the used entries published meanwhile."""
@@ -464,6 +471,7 @@ class Block(QueueDevice):
             while self._inflight:
                 poller.poll()
                 clear_eventfd(self._done_fd)
+                self._done_signalled = False
                 published += self._reap(memory, queue)
         return published
 
@@ -484,17 +492,14 @@ class Block(QueueDevice):
         Returns the bytes written to the chain when answered now, -1 when the request is in
         flight (it is published when it comes back).
         """
-        writable = [(d.addr, d.len) for d in chain.writable() if d.len]
-        if not writable:
+        framing = split_request(chain)
+        if framing is None:
             # Without a status byte there is no way to answer; give the chain back untouched.
             self._counters["malformed_requests"] += 1
             return 0
-        status_addr = writable[-1][0] + writable[-1][1] - 1
-        data_in, _ = _split(writable, sum(length for _, length in writable) - 1)
-        readable = [(d.addr, d.len) for d in chain.readable() if d.len]
+        header, data_out, data_in, status_addr = framing
         written = 0
         try:
-            header, data_out = _split(readable, REQUEST_HEADER.size)
             if sum(length for _, length in header) < REQUEST_HEADER.size:
                 self._counters["malformed_requests"] += 1
                 raise RequestError(VIRTIO_BLK_S_IOERR, "the request header is short")
@@ -540,12 +545,16 @@ class Block(QueueDevice):
             segments = data_in
         if len(segments) > 1:
             segments = coalesce(memory, segments)
-        length = 0
-        for _, size in segments:
-            length += size
+            length = 0
+            for _, size in segments:
+                length += size
+        elif segments:
+            length = segments[0][1]
+        else:
+            length = 0
         self._check_range(sector, length)
         offset = sector << SECTOR_SHIFT
-        fd = self._fd_for(segments, offset, length)
+        fd = self._fd if self._direct_fd < 0 else self._fd_for(segments, offset, length)
         self._inflight += 1
         self._jobs.put(_IoRequest(head, memory, fd, segments, offset, length, write, status_addr))
 
@@ -603,12 +612,16 @@ class Block(QueueDevice):
                 request.status = VIRTIO_BLK_S_IOERR
                 _log.error("%s: a request failed unexpectedly", self.name, exc_info=exc)
             done.append(request)
-            os.eventfd_write(done_fd, 1)
+            if not self._done_signalled:
+                self._done_signalled = True
+                os.eventfd_write(done_fd, 1)
             del request
 
     def _perform(self, request: _IoRequest) -> None:
         memory, segments, length = request.memory, request.segments, request.length
-        done = self._transfer(memory, request.fd, segments, request.offset, write=request.write)
+        done = self._transfer(
+            memory, request.fd, segments, request.offset, length, write=request.write
+        )
         if done < length:
             if request.write:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "the disk accepted no more bytes")
@@ -618,14 +631,24 @@ class Block(QueueDevice):
         request.status = VIRTIO_BLK_S_OK
 
     def _transfer(
-        self, memory: GuestMemory, fd: int, segments: list[Segment], offset: int, *, write: bool
+        self,
+        memory: GuestMemory,
+        fd: int,
+        segments: list[Segment],
+        offset: int,
+        length: int,
+        *,
+        write: bool,
     ) -> int:
-        """Move bytes between ``fd`` at ``offset`` and guest memory; returns bytes moved."""
+        """Move the ``length`` bytes of ``segments`` between ``fd`` at ``offset`` and guest
+        memory; returns the bytes moved (fewer at end of file).
+        """
         done = 0
         pending = segments
+        slice_ = memory.slice
         while pending:
-            batch = pending[:_IOV_MAX]
-            views = [memory.slice(addr, size) for addr, size in batch]
+            batch = pending if len(pending) <= _IOV_MAX else pending[:_IOV_MAX]
+            views = [slice_(addr, size) for addr, size in batch]
             try:
                 if write:
                     count = os.pwritev(fd, views, offset + done)
@@ -644,6 +667,8 @@ class Block(QueueDevice):
             if count == 0:
                 break
             done += count
+            if done == length:
+                break
             pending = _split(pending, count)[1]
         return done
 
@@ -732,6 +757,48 @@ class Block(QueueDevice):
         if not self._logged_io_error:
             self._logged_io_error = True
             _log.error("%s: I/O on the backing file failed: %s", self.name, exc)
+
+
+RequestFraming = tuple[list[Segment], list[Segment], list[Segment], int]
+"""A request's header buffers, device-readable data, device-writable data and status address."""
+
+
+def split_request(chain: DescriptorChain) -> RequestFraming | None:
+    """Split a chain into header (at most 16 bytes), readable data, writable data and the
+    address of the status byte (the last writable byte); None without a writable byte.
+
+    Empty buffers are left out. The header may be short; the caller checks it.
+    """
+    descriptors = chain.descriptors
+    readable_count = chain.readable_count
+    first, last = descriptors[0], descriptors[-1]
+    if (
+        readable_count
+        and readable_count < len(descriptors)
+        and first.len == REQUEST_HEADER.size
+        and last.len == 1
+    ):
+        # The framing drivers use (Linux's virtio_blk among them), taken without _split: the
+        # header alone in the first descriptor, the status byte alone in the last one.
+        return (
+            [(first.addr, REQUEST_HEADER.size)],
+            [(d.addr, d.len) for d in descriptors[1:readable_count] if d.len],
+            [(d.addr, d.len) for d in descriptors[readable_count:-1] if d.len],
+            last.addr,
+        )
+    return split_request_anyhow(chain)
+
+
+def split_request_anyhow(chain: DescriptorChain) -> RequestFraming | None:
+    """:func:`split_request` for any framing (2.6.4): buffers split wherever they fall."""
+    writable = [(d.addr, d.len) for d in chain.writable() if d.len]
+    if not writable:
+        return None
+    status_addr = writable[-1][0] + writable[-1][1] - 1
+    data_in, _ = _split(writable, sum(length for _, length in writable) - 1)
+    readable = [(d.addr, d.len) for d in chain.readable() if d.len]
+    header, data_out = _split(readable, REQUEST_HEADER.size)
+    return header, data_out, data_in, status_addr
 
 
 def coalesce(memory: GuestMemory, segments: Sequence[Segment]) -> list[Segment]:
