@@ -468,9 +468,10 @@ def run_floor(direction: str, frame_len: int, args: argparse.Namespace) -> Resul
         def loop() -> None:
             readv = os.readv
             fd = backend.device_fd
-            while not stop.is_set():
-                readv(fd, views)
-                count[0] += 1
+            with contextlib.suppress(OSError):  # the host side is gone: the run is over
+                while not stop.is_set():
+                    readv(fd, views)
+                    count[0] += 1
     else:
         peer = fork(lambda: host_reader(backend.host_fd))
         payload = [memoryview(vnet_header(frame_len) + message[-frame_len:])]
@@ -478,9 +479,10 @@ def run_floor(direction: str, frame_len: int, args: argparse.Namespace) -> Resul
         def loop() -> None:
             writev = os.writev
             fd = backend.device_fd
-            while not stop.is_set():
-                writev(fd, payload)
-                count[0] += 1
+            with contextlib.suppress(OSError):  # the host side is gone: the run is over
+                while not stop.is_set():
+                    writev(fd, payload)
+                    count[0] += 1
 
     thread = threading.Thread(target=loop, name="floor", daemon=True)
     try:
