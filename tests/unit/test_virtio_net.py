@@ -492,3 +492,99 @@ def test_host_side_down_and_up_follow_the_link(
     finally:
         net.shutdown()
         driver.close()
+
+
+def _queue_interrupts(driver: MockDriver, index: int) -> int:
+    return driver.interrupt.events.count((InterruptKind.QUEUE, index))
+
+
+def test_transmit_batch_is_one_interrupt(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory, event_idx=True)
+    tx = driver.queues[1]
+    frames = [bytes([i]) * (60 + i) for i in range(20)]
+    heads = [tx.add_chain([header(), frame]).head for frame in frames]
+    tx.set_used_event(0)
+    try:
+        # The chains wait before activation: the worker finds all of them at once.
+        activate(driver, BASIC | 1 << VIRTIO_F_RING_EVENT_IDX)
+        driver.wait_used(1, len(frames))
+        assert [pair[1].recv(4096) for _ in frames] == [header() + f for f in frames]
+        assert tx.take_used() == [(head, 0) for head in heads]
+        driver.interrupt.wait_until(lambda: _queue_interrupts(driver, 1) >= 1)
+        time.sleep(0.05)
+        assert _queue_interrupts(driver, 1) == 1
+        assert net.counters()["tx_frames"] == len(frames)
+        assert net.counters()["tx_bytes"] == sum(map(len, frames))
+    finally:
+        net.shutdown()
+        driver.close()
+
+
+def test_receive_honours_used_event(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """One interrupt per batch, none the driver did not ask for, none it asked for missed."""
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory, event_idx=True)
+    rx = driver.queues[0]
+    features = BASIC | 1 << VIRTIO_F_RING_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF
+    for _ in range(40):
+        rx.add_chain(writable=[4096])
+    for i in range(8):
+        pair[1].send(header() + bytes([i]) * 1000)
+    rx.set_used_event(0)
+    try:
+        activate(driver, features)
+        driver.wait_used(0, 8)
+        driver.interrupt.wait_until(lambda: _queue_interrupts(driver, 0) >= 1)
+        time.sleep(0.05)
+        assert _queue_interrupts(driver, 0) == 1, "eight frames read at once: one interrupt"
+        assert len(rx.take_used()) == 8
+        # used_event far ahead: the driver is polling and wants no interrupt yet.
+        rx.set_used_event(8 + 3)
+        for i in range(3):
+            pair[1].send(header() + b"p" * 100)
+            # No interrupt comes to wake a waiter: poll the used index, as the driver would.
+            deadline = time.monotonic() + 10
+            while (rx.used_idx() - rx.used_seen) & 0xFFFF < i + 1:
+                assert time.monotonic() < deadline, "the frame was not received"
+                time.sleep(0.005)
+        time.sleep(0.05)
+        assert _queue_interrupts(driver, 0) == 1
+        # The fourth frame moves the used index past used_event: that one must interrupt.
+        pair[1].send(header() + b"q" * 100)
+        driver.interrupt.wait_until(lambda: _queue_interrupts(driver, 0) == 2)
+        assert len(rx.take_used()) == 4
+        # Re-armed at the current index (as virtqueue_enable_cb does): every frame interrupts.
+        for i in range(3):
+            rx.set_used_event(rx.used_seen)
+            pair[1].send(header() + b"r" * 100)
+            driver.interrupt.wait_until(lambda n=i: _queue_interrupts(driver, 0) == 3 + n)
+            rx.take_used()
+    finally:
+        net.shutdown()
+        driver.close()
+
+
+def test_receive_header_split_over_small_buffers(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory)
+    activate(driver, BASIC | 1 << VIRTIO_NET_F_MRG_RXBUF)
+    rx = driver.queues[0]
+    try:
+        chain = rx.add_chain(writable=[6, 5, 4000])
+        driver.notify(0)
+        pair[1].send(header(num_buffers=0x5555) + b"s" * 70)
+        driver.wait_used(0, 1)
+        assert rx.take_used() == [(chain.head, 82)]
+        data = rx.read_buffers(chain.writable)
+        assert data[:12] == header(num_buffers=1)
+        assert data[12:82] == b"s" * 70
+    finally:
+        net.shutdown()
+        driver.close()

@@ -308,3 +308,51 @@ def test_vring_need_event_examples() -> None:
     assert not vring_need_event(1, 1, 0)
     assert vring_need_event(0xFFFF, 1, 0xFFFE)
     assert not vring_need_event(5, 3, 3)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_pop_buffers_across_regions_in_any_order(many: bool) -> None:
+    """Buffers in the other region, just below a region or in the hole between are told apart."""
+    with GuestMemory([(0, 0x4000), (0x8000, 0x4000)]) as memory:
+        mock = MockSplitQueue(memory, 8, 0)
+        queue = mock.create_queue()
+        memory.write(0x8000, b"high")
+        memory.write(0x3FF0, b"low!")
+        mock.write_descriptor(0, 0x8000, 4, VIRTQ_DESC_F_WRITE, 0)
+        mock.write_descriptor(1, 0x3FF0, 4, VIRTQ_DESC_F_WRITE, 0)
+        mock.write_descriptor(2, 0x8000, 4, VIRTQ_DESC_F_WRITE, 0)
+        mock.write_descriptor(3, 0x7FF0, 16, VIRTQ_DESC_F_WRITE, 0)  # in the hole
+        for head in range(4):
+            mock.publish(head)
+
+        def pop() -> tuple[int, list[memoryview], int] | None:
+            if many:
+                popped = queue.pop_buffers_many(memory, 1, writable=True)
+                return popped[0] if popped else None
+            return queue.pop_buffers(memory, writable=True)
+
+        for head, data in ((0, b"high"), (1, b"low!"), (2, b"high")):
+            popped = pop()
+            assert popped is not None
+            assert (popped[0], [bytes(v) for v in popped[1]], popped[2]) == (head, [data], 4)
+        with pytest.raises(QueueError, match="0x7ff0 of 16 bytes outside guest RAM"):
+            pop()
+
+
+def test_pop_buffers_gives_one_direction_of_a_chain(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    sent = mock.add_chain([b"ab", b"", b"cde"], [5, 0, 7], indirect=True)
+    mock.add_chain([b"xyz"], [9])
+    readable = queue.pop_buffers(memory, writable=False)
+    assert readable is not None
+    assert (readable[0], [bytes(v) for v in readable[1]], readable[2]) == (
+        sent.head,
+        [b"ab", b"cde"],
+        5,
+    )
+    (writable,) = queue.pop_buffers_many(memory, 4, writable=True)
+    assert [len(v) for v in writable[1]] == [9]
+    assert writable[2] == 9
+    assert queue.pop_buffers(memory, writable=True) is None
+    assert queue.pop_buffers_many(memory, 4, writable=True) == []

@@ -233,6 +233,9 @@ class Queue:
         self._avail_u16 = memoryview(b"").cast("H")
         self._used_u16 = memoryview(b"").cast("H")
         self._used_view = memoryview(b"")
+        # The guest RAM region the last buffer was found in: start, size and its view. Buffers
+        # are sliced from it directly while they fall inside it (most do), saving a lookup.
+        self._region: tuple[int, int, memoryview] = (0, 0, memoryview(b""))
 
     def reset(self) -> None:
         """Return to the state after construction (the driver reset the device)."""
@@ -253,6 +256,7 @@ class Queue:
         self._layout_memory = None
         self._desc_view = self._used_view = memoryview(b"")
         self._avail_u16 = self._used_u16 = memoryview(b"").cast("H")
+        self._region = (0, 0, memoryview(b""))
 
     def validate(self, memory: GuestMemory) -> None:
         """Check the driver's queue configuration against guest RAM (2.7, 4.1.4.3.2).
@@ -288,6 +292,7 @@ class Queue:
         self._used_u16 = self._used_view.cast("H")
         self._layout = layout
         self._layout_memory = memory
+        self._region = (0, 0, memoryview(b""))
 
     def avail_idx(self, memory: GuestMemory) -> int:
         """The driver's current available index (2.7.6)."""
@@ -329,6 +334,140 @@ class Queue:
         if head >= size:
             raise QueueError(f"available ring names descriptor {head}, beyond queue size {size}")
         return self._read_chain(memory, head)
+
+    def pop_buffers(
+        self, memory: GuestMemory, *, writable: bool
+    ) -> tuple[int, list[memoryview], int] | None:
+        """Take the next available chain as ``(head, views, length)``, or None when there is none.
+
+        ``views`` are zero-copy views of the chain's device-writable buffers (``writable``) or
+        of its device-readable ones, empty buffers left out, and ``length`` their total bytes.
+        The chain is checked exactly as :meth:`pop_descriptor_chain` checks it, buffers of the
+        other direction included; this is the lean path for devices that only want the bytes
+        (virtio-net), with no :class:`Descriptor` or :class:`DescriptorChain` per chain.
+        """
+        if not self._pending(memory):
+            return None
+        size = self.size
+        head = self._avail_u16[2 + (self.next_avail & (size - 1))]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if head >= size:
+            raise QueueError(f"available ring names descriptor {head}, beyond queue size {size}")
+        views, length = self._chain_views(memory, head, VIRTQ_DESC_F_WRITE if writable else 0)
+        return head, views, length
+
+    def pop_buffers_many(
+        self, memory: GuestMemory, limit: int, *, writable: bool
+    ) -> list[tuple[int, list[memoryview], int]]:
+        """Up to ``limit`` chains as :meth:`pop_buffers` returns them, reading the index once."""
+        count = min(self._pending(memory), limit)
+        size = self.size
+        mask = size - 1
+        ring = self._avail_u16
+        table = self._desc_view
+        unpack_from = DESC.unpack_from
+        want = VIRTQ_DESC_F_WRITE if writable else 0
+        chain_views = self._chain_views
+        popped: list[tuple[int, list[memoryview], int]] = []
+        next_avail = self.next_avail
+        for _ in range(count):
+            head = ring[2 + (next_avail & mask)]
+            next_avail = (next_avail + 1) & 0xFFFF
+            self.next_avail = next_avail
+            if head >= size:
+                raise QueueError(
+                    f"available ring names descriptor {head}, beyond queue size {size}"
+                )
+            addr, length, flags, _next = unpack_from(table, 16 * head)
+            if flags == want and length:
+                # One direct buffer of the wanted direction (what Linux posts for receive
+                # with MRG_RXBUF): nothing else to check than that it lies in guest RAM.
+                start, span, base = self._region
+                offset = addr - start
+                if offset >= 0 and offset + length <= span:
+                    view = base[offset : offset + length]
+                else:
+                    view = self._slice_buffer(memory, head, addr, length)
+                popped.append((head, [view], length))
+            else:
+                views, length = chain_views(memory, head, want)
+                popped.append((head, views, length))
+        return popped
+
+    def _chain_views(
+        self, memory: GuestMemory, head: int, want: int
+    ) -> tuple[list[memoryview], int]:
+        """Walk the chain at ``head`` with :meth:`_read_chain`'s checks; views of one direction.
+
+        ``want`` is VIRTQ_DESC_F_WRITE for the writable buffers, 0 for the readable ones. The
+        buffers of the other direction are only checked to lie inside guest RAM.
+        """
+        table = self._desc_view
+        table_len = self.size
+        unpack_from = DESC.unpack_from
+        start, span, base = self._region
+        views: list[memoryview] = []
+        total = 0
+        buffers = 0
+        seen_writable = False
+        indirect = False
+        index = head
+        count = 0
+        while True:
+            count += 1
+            if count > table_len:
+                raise QueueError(
+                    f"descriptor chain at head {head} loops or is longer than its table "
+                    f"of {table_len} entries"
+                )
+            addr, length, flags, next_ = unpack_from(table, 16 * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise QueueError(f"descriptor chain at head {head} nests indirect tables")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise QueueError(f"descriptor chain at head {head} sets both INDIRECT and NEXT")
+                table = self._indirect_table(memory, addr, length, head)
+                table_len = length // DESC.size
+                indirect = True
+                index = 0
+                count = 0
+                continue
+            direction = flags & VIRTQ_DESC_F_WRITE
+            if direction:
+                seen_writable = True
+            elif seen_writable:
+                raise QueueError(
+                    f"descriptor chain at head {head} has a readable buffer after a writable one"
+                )
+            buffers += 1
+            if length:
+                if direction == want:
+                    offset = addr - start
+                    if offset >= 0 and offset + length <= span:
+                        views.append(base[offset : offset + length])
+                    else:
+                        views.append(self._slice_buffer(memory, head, addr, length))
+                        start, span, base = self._region
+                    total += length
+                elif not memory.contains(addr, length):
+                    raise QueueError(
+                        f"descriptor chain at head {head} has a buffer at {addr:#x} of "
+                        f"{length} bytes outside guest RAM"
+                    )
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            index = next_
+            if index >= table_len:
+                raise QueueError(
+                    f"descriptor chain at head {head} links to descriptor {index}, beyond its "
+                    f"table of {table_len} entries"
+                )
+        if indirect and buffers > self.size:
+            raise QueueError(
+                f"descriptor chain at head {head} has {buffers} descriptors, "
+                f"more than the queue size {self.size}"
+            )
+        return views, total
 
     def _read_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
         # The hot path of every device: locals instead of attribute look-ups, one unpack per
@@ -392,6 +531,18 @@ class Queue:
                 f"more than the queue size {size}"
             )
         return DescriptorChain(head, descriptors, readable_count)
+
+    def _slice_buffer(self, memory: GuestMemory, head: int, addr: int, length: int) -> memoryview:
+        """A view of a buffer outside the cached region; it becomes the cached region."""
+        region = memory.find_region(addr)
+        if region is None or not memory.contains(addr, length):
+            raise QueueError(
+                f"descriptor chain at head {head} has a buffer at {addr:#x} of "
+                f"{length} bytes outside guest RAM"
+            )
+        self._region = (region.start, region.size, region.view)
+        offset = addr - region.start
+        return region.view[offset : offset + length]
 
     def _indirect_table(self, memory: GuestMemory, addr: int, length: int, head: int) -> memoryview:
         if length == 0 or length % DESC.size:
