@@ -33,10 +33,16 @@ if TYPE_CHECKING:
 # The import system's own module, loaded (frozen) in every interpreter: using it costs no import.
 _external = sys.modules["_frozen_importlib_external"]
 
-_FORMAT = b"nubis-bundle-1\n"
+_FORMAT = b"nubis-bundle-2\n"
 
 # module name -> (source path, is a package, source mtime in ns, source size, marshalled code)
-_Entry = tuple[str, bool, int, int, bytes]
+_Entry = tuple[str, bool, int, int, memoryview]
+
+# The file: the header, the index's length (8 bytes, little-endian), the index (marshalled:
+# module name -> (source path, is a package, mtime in ns, size, code offset, code length), the
+# offsets counted from the end of the index), then each module's marshalled code. A launch
+# maps the file and unmarshals only the index and the modules it imports.
+_Index = dict[str, tuple[str, bool, int, int, int, int]]
 
 
 def bundle_path(package_dir: str) -> str:
@@ -52,7 +58,9 @@ def _header() -> bytes:
 
 def build(package_dir: str, package: str = "nubis") -> str:
     """Compile every module under ``package_dir`` into its bundle; return the bundle's path."""
-    entries: dict[str, _Entry] = {}
+    index: _Index = {}
+    blobs: list[bytes] = []
+    offset = 0
     for root, dirs, files in os.walk(package_dir):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
         if "__init__.py" not in files:
@@ -69,44 +77,63 @@ def build(package_dir: str, package: str = "nubis") -> str:
             with open(path, "rb") as source:
                 status = os.fstat(source.fileno())
                 code = compile(source.read(), path, "exec", dont_inherit=True)
-            entries[module] = (
+            blob = marshal.dumps(code)
+            index[module] = (
                 path,
                 is_package,
                 status.st_mtime_ns,
                 status.st_size,
-                marshal.dumps(code),
+                offset,
+                len(blob),
             )
+            blobs.append(blob)
+            offset += len(blob)
+    packed_index = marshal.dumps(index)
     target = bundle_path(package_dir)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = f"{target}.{os.getpid()}.tmp"
     with open(temporary, "wb") as out:
         out.write(_header())
-        out.write(marshal.dumps(entries))
+        out.write(len(packed_index).to_bytes(8, "little"))
+        out.write(packed_index)
+        out.writelines(blobs)
     os.replace(temporary, target)
     return target
 
 
 def load(package_dir: str) -> dict[str, _Entry] | None:
     """The bundle's entries, or ``None`` when there is no usable bundle."""
+    import mmap  # nubis maps guest memory with it anyway
+
     try:
         with open(bundle_path(package_dir), "rb") as file:
-            data = file.read()
-    except OSError:
+            data = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+    except (OSError, ValueError):  # ValueError: an empty file cannot be mapped
         return None
     header = _header()
-    if not data.startswith(header):
+    start = len(header) + 8
+    if len(data) < start or data[: len(header)] != header:
         return None
+    end = start + int.from_bytes(data[len(header) : start], "little")
     try:
-        entries = marshal.loads(memoryview(data)[len(header) :])
+        index: _Index = marshal.loads(data[start:end])
     except (EOFError, ValueError, TypeError):
         return None
-    return entries if isinstance(entries, dict) else None
+    if not isinstance(index, dict):
+        return None
+    entries: dict[str, _Entry] = {}
+    for name, (path, is_package, mtime_ns, size, offset, length) in index.items():
+        if end + offset + length > len(data):
+            return None  # a truncated file
+        blob = data[end + offset : end + offset + length]
+        entries[name] = (path, is_package, mtime_ns, size, blob)
+    return entries
 
 
 class _BundledLoader(_external.SourceFileLoader):  # type: ignore[misc,name-defined]
     """A source-file loader whose code comes from the bundle."""
 
-    def __init__(self, fullname: str, path: str, code: bytes) -> None:
+    def __init__(self, fullname: str, path: str, code: memoryview) -> None:
         super().__init__(fullname, path)
         self._code = code
 
