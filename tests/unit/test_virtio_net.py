@@ -523,6 +523,29 @@ def test_transmit_batch_is_one_interrupt(
         driver.close()
 
 
+def test_a_long_transmit_drain_interrupts_per_batch(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """Completions are reported batch by batch, not held until the whole drain ends."""
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory)
+    tx = driver.queues[1]
+    count = Net._TX_BATCH + 36
+    frames = [bytes([i]) * 60 for i in range(count)]
+    for frame in frames:
+        tx.add_chain([header(), frame])
+    try:
+        activate(driver, BASIC)
+        driver.wait_used(1, count)
+        assert [pair[1].recv(4096) for _ in frames] == [header() + f for f in frames]
+        driver.interrupt.wait_until(lambda: _queue_interrupts(driver, 1) >= 2)
+        time.sleep(0.05)
+        assert _queue_interrupts(driver, 1) == 2
+    finally:
+        net.shutdown()
+        driver.close()
+
+
 def test_receive_honours_used_event(
     memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
 ) -> None:

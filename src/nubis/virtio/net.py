@@ -468,8 +468,8 @@ class Net(QueueDevice):
         """Send every frame the driver queued on transmitq ``index``, one ``writev`` each.
 
         Chains are popped in batches and returned with one used-index update per batch;
-        notifications stay suppressed while the device works (2.7.10) and one interrupt, if the
-        driver wants it, covers everything sent here.
+        notifications stay suppressed while the device works (2.7.10) and one interrupt per
+        batch, if the driver wants it, reports the batch.
         """
         memory = self.memory
         if memory is None or self.failed:
@@ -478,7 +478,7 @@ class Net(QueueDevice):
         fd = self.backend.fds[index // 2]
         writev = os.writev
         header = VNET_HDR.size
-        frames = sent = dropped = completed = 0
+        frames = sent = dropped = 0
         try:
             while True:
                 queue.disable_notification(memory)
@@ -503,7 +503,10 @@ class Net(QueueDevice):
                         frames += 1
                         sent += length - header
                     queue.add_used_many(memory, used)
-                    completed += len(used)
+                    # Interrupt per batch, not once at the end: a guest's TCP holds back new
+                    # frames until earlier ones complete (TCP small queues), so completions
+                    # must not wait for a long drain. used_event still decides (2.7.10).
+                    self.signal_used(index)
                 if not queue.enable_notification(memory):
                     break
         finally:
@@ -511,8 +514,6 @@ class Net(QueueDevice):
             counters["tx_frames"] += frames
             counters["tx_bytes"] += sent
             counters["tx_dropped"] += dropped
-            if completed:
-                self.signal_used(index)
 
     # --- receive ------------------------------------------------------------------------------
 
