@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from nubis.kvm import Kvm, VcpuFd, VmFd
+from nubis.kvm.bindings import Cap
 from nubis.memory import GuestMemory
 from nubis.vmm.vcpu import Vcpu, VcpuEvent
 
@@ -20,13 +21,17 @@ CODE_ADDRESS = 0x1000
 
 
 class TinyVm:
-    """A VM with 64 KiB of RAM at 0 (slot 0) and one vCPU at ``CODE_ADDRESS`` in real mode."""
+    """A VM with 64 KiB of RAM at 0 (slot 0) and one vCPU at ``CODE_ADDRESS`` in real mode.
+
+    ``irqchip`` creates KVM's whole in-kernel irqchip, ``split_irqchip`` only its local APICs.
+    """
 
     def __init__(
         self,
         kvm: Kvm,
         *,
         irqchip: bool = False,
+        split_irqchip: bool = False,
         log_dirty_pages: bool = False,
     ) -> None:
         self.vm: VmFd = kvm.create_vm()
@@ -34,6 +39,9 @@ class TinyVm:
         if irqchip:
             self.vm.set_tss_address(0xFFFBD000)
             self.vm.create_irq_chip()
+        if split_irqchip:  # local APICs only, as a nubis VM has (24 GSIs kept for an IOAPIC)
+            self.vm.set_tss_address(0xFFFBD000)
+            self.vm.enable_cap(Cap.SPLIT_IRQCHIP, 24)
         region = self.memory.regions[0]
         self.vm.set_user_memory_region(
             0, 0, region.size, region.host_address, log_dirty_pages=log_dirty_pages

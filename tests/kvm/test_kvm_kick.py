@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -10,7 +11,9 @@ import time
 import pytest
 from kvm_guest import RecordingBus, TinyVm
 
-from nubis.kvm import Interrupted, IoOut, MpState
+from nubis.devices.ioapic import IoApic
+from nubis.kvm import Interrupted, IoOut, Kvm, MpState
+from nubis.vmm.interrupts import GsiRouting
 from nubis.vmm.vcpu import KICK_SIGNAL, Vcpu, VcpuEvent, VcpuState, install_kick_handler
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(30)]
@@ -170,3 +173,56 @@ def test_irq_line_sets_the_pic_request_register(tiny_vm_irqchip: TinyVm) -> None
     tiny.vm.irq_line(3, True)
     tiny.vm.irq_line(3, False)
     assert tiny.vm.get_irqchip(0).chip.pic.irr & (1 << 3)
+
+
+# Point IVT entry 0x25 at 0x1100, report 0x11 on port 0x10, then wait in HLT with interrupts
+# enabled; the handler reports 0x25 and halts with interrupts off. No PIC programming: with a
+# split irqchip the interrupt comes from the local APIC, sent there by the IOAPIC's MSI route.
+APIC_IRQ_GUEST = bytes.fromhex(
+    "c70694000011"  # mov word [0x94], 0x1100     IVT[0x25].offset
+    "c70696000000"  # mov word [0x96], 0          IVT[0x25].segment
+    "b011e610"  # mov al, 0x11; out 0x10, al      "ready"
+    "fb"  # sti
+    "f4ebfd"  # hlt; jmp back to hlt
+).ljust(0x100, b"\0") + IRQ_GUEST[0x100:]
+
+
+def _software_enable_lapic(tiny: TinyVm) -> None:
+    """Set the APIC's spurious-vector register enable bit, as an OS would (SVR, offset 0xf0)."""
+    state = tiny.vcpu.get_lapic()
+    page = bytearray(ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state)))
+    page[0xF0:0xF4] = (0x1FF).to_bytes(4, "little")
+    ctypes.memmove(ctypes.addressof(state), bytes(page), len(page))
+    tiny.vcpu.set_lapic(state)
+
+
+def test_split_irqchip_delivers_an_ioapic_pin_through_its_msi_route(kvm: Kvm) -> None:
+    """nubis's interrupt path for legacy lines: irqfd on GSI 4, routed by the userspace IOAPIC."""
+    tiny = TinyVm(kvm, split_irqchip=True)
+    irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        routing = GsiRouting(tiny.vm)
+        ioapic = IoApic(
+            lambda pin, message: (
+                routing.remove(pin) if message is None else routing.set_msi(pin, *message)
+            )
+        )
+        tiny.vm.register_irqfd(irq_fd, 4)
+        _software_enable_lapic(tiny)
+        tiny.load(APIC_IRQ_GUEST)
+        # What Linux does through the MMIO window: destination APIC 0, then vector 0x25 unmasked.
+        for index, value in ((0x19, 0), (0x18, 0x25)):
+            ioapic.write(0, 0x00, memoryview(bytearray(index.to_bytes(4, "little"))))
+            ioapic.write(0, 0x10, memoryview(bytearray(value.to_bytes(4, "little"))))
+        assert ioapic.message(4) == (0xFEE0_0000, 0x25)
+        exit_ = tiny.vcpu.run()
+        assert isinstance(exit_, IoOut)
+        assert bytes(exit_.data) == b"\x11"
+        os.eventfd_write(irq_fd, 1)
+        exit_ = tiny.vcpu.run()  # blocks in HLT until KVM delivers the MSI
+        assert isinstance(exit_, IoOut)
+        assert bytes(exit_.data) == b"\x25"
+        tiny.vm.unregister_irqfd(irq_fd, 4)
+    finally:
+        os.close(irq_fd)
+        tiny.close()

@@ -117,7 +117,7 @@ def test_madt_entries(vcpus: int) -> None:
     madt = build_madt(vcpus)
     assert _u(madt, 4, 4) == len(madt) == 44 + 8 * vcpus + 12 + 10 + 6
     assert _u(madt, 36, 4) == layout.APIC_START
-    assert _u(madt, 40, 4) == 1  # PCAT_COMPAT
+    assert _u(madt, 40, 4) == 0  # no PCAT_COMPAT: split irqchip, no 8259s
     for index in range(vcpus):
         entry = madt[44 + 8 * index : 52 + 8 * index]
         assert entry == bytes([0, 8, index, index, 1, 0, 0, 0])

@@ -1,10 +1,10 @@
 """The Multiple APIC Description Table: local APICs, the IOAPIC, overrides and NMI wiring.
 
 ACPI 6.4 section 5.2.12 ("Multiple APIC Description Table (MADT)"). A nubis guest has one
-local APIC per vCPU (APIC id = vCPU index, section 5.2.12.2), KVM's in-kernel IOAPIC at
-``layout.IOAPIC_START`` with GSI base 0 (5.2.12.3), the ISA timer IRQ 0 routed to GSI 2
-(Interrupt Source Override, 5.2.12.5) and NMI on LINT1 of every local APIC (5.2.12.7).
-``PCAT_COMPAT`` is set because KVM's in-kernel irqchip includes a pair of 8259 PICs.
+local APIC per vCPU (APIC id = vCPU index, section 5.2.12.2), nubis's IOAPIC
+(``nubis.devices.ioapic``) at ``layout.IOAPIC_START`` with GSI base 0 (5.2.12.3), the ISA timer
+IRQ 0 routed to GSI 2 (Interrupt Source Override, 5.2.12.5) and NMI on LINT1 of every local APIC
+(5.2.12.7). ``PCAT_COMPAT`` is clear: the VM has no 8259 PICs (KVM's split irqchip).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def build_madt(num_vcpus: int) -> bytes:
         MadtFixed(
             header=new_header(b"APIC", MADT_REVISION),
             local_apic_address=layout.APIC_START,
-            flags=PCAT_COMPAT,
+            flags=0,  # no PCAT_COMPAT: there are no 8259s
         )
     ]
     parts.extend(

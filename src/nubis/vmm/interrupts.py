@@ -1,9 +1,9 @@
 """KVM behind the PCI layer's interrupt and doorbell protocols.
 
 * :class:`GsiRouting` owns the VM's whole GSI routing table (KVM_SET_GSI_ROUTING replaces it
-  wholesale): the default routes of the in-kernel irqchip — GSI n to IOAPIC pin n, and the ISA
-  IRQs 0-15 to the 8259s as well, with GSI 2 carrying the PIT's IRQ 0 — plus one MSI route per
-  MSI-X vector in use.
+  wholesale). The VM has a split irqchip, so every route is an MSI route: GSIs 0-23 carry the
+  messages of the userspace IOAPIC's unmasked pins (``nubis.devices.ioapic``), the GSIs above
+  them one MSI-X vector each.
 * :class:`MsiVectors` implements ``nubis.pci.msix.MsiInterruptRouter`` for one device: each
   vector gets a GSI and an eventfd registered as an irqfd, so delivering an interrupt is one
   eventfd write and KVM injects the MSI without an exit.
@@ -19,29 +19,13 @@ import threading
 from nubis.allocator import IdAllocator
 from nubis.arch.x86_64 import layout
 from nubis.kvm import VmFd
-from nubis.kvm.vm import IrqchipRoute, IrqRoute, MsiRoute
+from nubis.kvm.vm import MsiRoute
 
-KVM_IRQCHIP_PIC_MASTER = 0
-KVM_IRQCHIP_PIC_SLAVE = 1
-KVM_IRQCHIP_IOAPIC = 2
 _MAX_GSI = 1023
 
 
-def default_irqchip_routes() -> list[IrqRoute]:
-    """The routes KVM sets up with the in-kernel irqchip, which a new table must repeat."""
-    routes: list[IrqRoute] = []
-    for gsi in range(layout.IOAPIC_NUM_PINS):
-        if gsi < 16 and gsi != 2:
-            chip = KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE
-            routes.append(IrqchipRoute(gsi, chip, gsi % 8))
-        pin = 2 if gsi == 0 else gsi  # ISA IRQ 0 (the PIT) arrives on IOAPIC pin 2
-        if gsi != 2:
-            routes.append(IrqchipRoute(gsi, KVM_IRQCHIP_IOAPIC, pin))
-    return routes
-
-
 class GsiRouting:
-    """The VM's GSI routing table: irqchip defaults plus MSI routes, pushed to KVM on change."""
+    """The VM's GSI routing table of MSI routes, pushed to KVM on every change."""
 
     def __init__(self, vm: VmFd) -> None:
         self._vm = vm
@@ -60,7 +44,13 @@ class GsiRouting:
             if self._msi.get(gsi) == route:
                 return
             self._msi[gsi] = route
-            self._vm.set_gsi_routing([*default_irqchip_routes(), *self._msi.values()])
+            self._vm.set_gsi_routing(list(self._msi.values()))
+
+    def remove(self, gsi: int) -> None:
+        """Drop the route of ``gsi``: KVM then ignores signals on it."""
+        with self._lock:
+            if self._msi.pop(gsi, None) is not None:
+                self._vm.set_gsi_routing(list(self._msi.values()))
 
 
 class MsiVectors:

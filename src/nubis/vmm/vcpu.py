@@ -381,6 +381,10 @@ class Vcpu:
             )
         if isinstance(exit_, Shutdown):
             return GuestReset(vcpu, "the guest triple-faulted")
+        if exit_.reason == ExitReason.IOAPIC_EOI:
+            # The guest ended a level-triggered IOAPIC interrupt. The userspace IOAPIC treats
+            # every line as an edge (``nubis.devices.ioapic``), so there is nothing to clear.
+            return None
         if isinstance(exit_, Hlt):
             return GuestHalted(vcpu)
         if isinstance(exit_, InternalError):

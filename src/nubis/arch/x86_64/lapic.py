@@ -80,7 +80,7 @@ def setup_fpu(vcpu: LapicVcpu) -> None:
 
 
 def setup_lint(vcpu: LapicVcpu) -> None:
-    """Program ``vcpu``'s LVT LINT0 as ExtINT and LINT1 as NMI (needs the in-kernel irqchip)."""
+    """Program ``vcpu``'s LVT LINT0 as ExtINT and LINT1 as NMI (needs the local APIC in KVM)."""
     state = vcpu.get_lapic()
     # The register page is a char array: read and write it as raw memory, because ctypes
     # turns a char array field into bytes that stop at the first NUL.
