@@ -178,13 +178,16 @@ def test_irq_line_sets_the_pic_request_register(tiny_vm_irqchip: TinyVm) -> None
 # Point IVT entry 0x25 at 0x1100, report 0x11 on port 0x10, then wait in HLT with interrupts
 # enabled; the handler reports 0x25 and halts with interrupts off. No PIC programming: with a
 # split irqchip the interrupt comes from the local APIC, sent there by the IOAPIC's MSI route.
-APIC_IRQ_GUEST = bytes.fromhex(
-    "c70694000011"  # mov word [0x94], 0x1100     IVT[0x25].offset
-    "c70696000000"  # mov word [0x96], 0          IVT[0x25].segment
-    "b011e610"  # mov al, 0x11; out 0x10, al      "ready"
-    "fb"  # sti
-    "f4ebfd"  # hlt; jmp back to hlt
-).ljust(0x100, b"\0") + IRQ_GUEST[0x100:]
+APIC_IRQ_GUEST = (
+    bytes.fromhex(
+        "c70694000011"  # mov word [0x94], 0x1100     IVT[0x25].offset
+        "c70696000000"  # mov word [0x96], 0          IVT[0x25].segment
+        "b011e610"  # mov al, 0x11; out 0x10, al      "ready"
+        "fb"  # sti
+        "f4ebfd"  # hlt; jmp back to hlt
+    ).ljust(0x100, b"\0")
+    + IRQ_GUEST[0x100:]
+)
 
 
 def _software_enable_lapic(tiny: TinyVm) -> None:
