@@ -356,3 +356,51 @@ def test_pop_buffers_gives_one_direction_of_a_chain(memory: GuestMemory) -> None
     assert writable[2] == 9
     assert queue.pop_buffers(memory, writable=True) is None
     assert queue.pop_buffers_many(memory, 4, writable=True) == []
+
+
+def test_pop_buffers_into_fills_parallel_lists_and_rejects_short_chains(
+    memory: GuestMemory,
+) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    first = mock.add_chain([], [16])
+    short = mock.add_chain([], [4])
+    split = mock.add_chain([], [8, 0, 8], indirect=True)
+    many_views = mock.add_chain([], [2, 2, 2])
+    heads: list[int] = [99]  # appended to, not replaced
+    lengths: list[int] = [1]
+    counts: list[int] = [1]
+    views: list[memoryview] = [memoryview(b"x")]
+    rejected = queue.pop_buffers_into(
+        memory, 3, heads, lengths, counts, views, writable=True, min_length=5
+    )
+    assert rejected == [short.head]
+    assert heads == [99, first.head, split.head]
+    assert lengths == [1, 16, 16]
+    assert counts == [1, 1, 2]
+    assert [len(v) for v in views] == [1, 16, 8, 8]
+    # A chain with more buffers than max_views keeps the first ones (and their length).
+    assert (
+        queue.pop_buffers_into(memory, 8, heads, lengths, counts, views, writable=True, max_views=2)
+        == []
+    )
+    assert (heads[-1], lengths[-1], counts[-1]) == (many_views.head, 4, 2)
+    assert queue.pop_buffers_into(memory, 8, heads, lengths, counts, views, writable=True) == []
+
+
+def test_stage_used_spread_fills_chains_in_order_and_publishes_on_request(
+    memory: GuestMemory,
+) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    heads = [3, 5, 6, 1]
+    lengths = [100, 50, 80, 10]
+    assert queue.stage_used_spread(memory, heads, lengths, 100) == 1
+    assert queue.stage_used_spread(memory, heads[1:], lengths[1:], 51) == 2
+    assert mock.used_idx() == 0  # nothing visible before publish_used
+    queue.publish_used(memory)
+    assert mock.take_used() == [(3, 100), (5, 50), (6, 1)]
+    with pytest.raises(QueueError, match="do not fit"):
+        queue.stage_used_spread(memory, [2], [10], 11)
+    with pytest.raises(QueueError, match="beyond queue size"):
+        queue.stage_used_spread(memory, [8], [10], 5)

@@ -225,3 +225,33 @@ def test_pop_buffers_checks_what_pop_descriptor_chain_checks(
         assert many_error == full_error
         # A batch that meets a broken chain is lost with it (the device then needs a reset).
         assert got == expected if not full_error else got == expected[: len(got)]
+
+        # The parallel-list path, with a minimum length: short chains come back as rejected.
+        into = mock.create_queue()
+        heads: list[int] = []
+        lengths: list[int] = []
+        counts: list[int] = []
+        views: list[memoryview] = []
+        rejected: list[int] = []
+        into_error = False
+        try:
+            while into._pending(memory):
+                rejected += into.pop_buffers_into(
+                    memory, limit, heads, lengths, counts, views, writable=writable, min_length=3
+                )
+        except QueueError:
+            into_error = True
+        assert into_error == full_error
+        assert sum(counts) == len(views)
+        got = []
+        position = 0
+        for head, total, count in zip(heads, lengths, counts, strict=True):
+            got.append(lean((head, views[position : position + count], total)))
+            position += count
+        kept = [chain for chain in expected if chain[2] >= 3]
+        short = [chain[0] for chain in expected if chain[2] < 3]
+        if not full_error:
+            assert (got, rejected) == (kept, short)
+        else:
+            assert got == kept[: len(got)]
+            assert rejected == short[: len(rejected)]

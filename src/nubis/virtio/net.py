@@ -525,49 +525,49 @@ class Net(QueueDevice):
         queue = self.queues[2 * pair].queue
         mergeable = self._mergeable
         want = self._rx_budget if mergeable else 1
-        have = stash.capacity if mergeable else len(stash.heads)
+        heads, capacities = stash.heads, stash.capacities
+        have = stash.capacity if mergeable else len(heads)
         popped_bad = False
-        pop_many = queue.pop_buffers_many
-        heads, capacities, view_counts, all_views = (
-            stash.heads,
-            stash.capacities,
-            stash.view_counts,
-            stash.views,
-        )
         while have < want:
             # As many chains as the frame needs if they are like the last one (one at a time
             # without MRG_RXBUF); a wrong guess costs another round.
             need = -(-(want - have) // self._rx_chain_guess) if mergeable else 1
-            popped = pop_many(memory, need, writable=True)
-            if not popped:
+            before = len(heads)
+            # Too small to hold even the header (5.1.6.3.1): given back unused.
+            rejected = queue.pop_buffers_into(
+                memory,
+                need,
+                heads,
+                capacities,
+                stash.view_counts,
+                stash.views,
+                writable=True,
+                min_length=VNET_HDR.size,
+                max_views=_IOV_MAX,
+            )
+            if rejected:
+                queue.add_used_many(memory, [(head, 0) for head in rejected])
+                self._counters["rx_bad_buffers"] += len(rejected)
+                popped_bad = True
+            added = len(heads) - before
+            if not added:
+                if rejected:
+                    continue
                 # Ask for a notification; buffers that arrived meanwhile are taken right away.
                 if queue.enable_notification(memory):
                     queue.disable_notification(memory)
                     continue
                 break
-            for head, views, capacity in popped:
-                if len(views) > _IOV_MAX:
-                    del views[_IOV_MAX:]
-                    capacity = sum(map(len, views))
-                if capacity < VNET_HDR.size:
-                    # Too small to hold even the header (5.1.6.3.1): give it back unused.
-                    queue.add_used(memory, head, 0)
-                    self._counters["rx_bad_buffers"] += 1
-                    popped_bad = True
-                    continue
-                heads.append(head)
-                capacities.append(capacity)
-                view_counts.append(len(views))
-                all_views += views
-                stash.capacity += capacity
-                have += capacity if mergeable else 1
-            self._rx_chain_guess = max(capacity, 1024)
+            gained = capacities[before] if added == 1 else sum(capacities[before:])
+            stash.capacity += gained
+            have += gained if mergeable else added
+            self._rx_chain_guess = max(capacities[-1], 1024)
         if popped_bad:
             self.signal_used(2 * pair)
         if have >= want:
             return True
         # A ring that cannot hold the budget even when full must still receive.
-        return bool(stash.heads) and len(stash.heads) >= queue.size
+        return bool(heads) and len(heads) >= queue.size
 
     def _receive(self, pair: int) -> None:
         """Move frames from the backend into receive buffers until either runs out.
@@ -591,7 +591,8 @@ class Net(QueueDevice):
         all_views = stash.views
         refill = self._refill
         readv = os.readv
-        add_used_many = queue.add_used_many
+        stage_used = queue.stage_used_spread
+        publish_used = queue.publish_used
         header = VNET_HDR.size
         frames = received = dropped = 0
         try:
@@ -627,32 +628,16 @@ class Net(QueueDevice):
                 if count < header:
                     dropped += 1
                     continue
-                # The chains the frame filled, oldest first; the last one maybe in part.
-                capacity = capacities[0]
-                if count <= capacity or not mergeable:
-                    chains = 1
-                    used: Sequence[tuple[int, int]] = ((heads[0], count),)
-                else:
-                    used = []
-                    left = count
-                    chains = 0
-                    capacity = 0
-                    while True:
-                        take = capacities[chains]
-                        chains += 1
-                        capacity += take
-                        if left <= take:
-                            used.append((heads[chains - 1], left))
-                            break
-                        used.append((heads[chains - 1], take))
-                        left -= take
+                # The chains the frame filled, oldest first (the last one maybe in part),
+                # stored as used elements; num_buffers goes in before they are published.
+                chains = stage_used(memory, heads, capacities, count)
                 first = views[0]
                 if len(first) >= header:
                     NUM_BUFFERS.pack_into(first, NUM_BUFFERS_OFFSET, chains)
                 else:
                     _put_u16(views, NUM_BUFFERS_OFFSET, chains)
-                stash.drop(chains, capacity)
-                add_used_many(memory, used)
+                publish_used(memory)
+                stash.drop(chains, capacities[0] if chains == 1 else sum(capacities[:chains]))
                 frames += 1
                 received += count - header
         finally:

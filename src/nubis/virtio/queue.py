@@ -394,6 +394,81 @@ class Queue:
                 popped.append((head, views, length))
         return popped
 
+    def pop_buffers_into(
+        self,
+        memory: GuestMemory,
+        limit: int,
+        heads: list[int],
+        lengths: list[int],
+        view_counts: list[int],
+        views: list[memoryview],
+        *,
+        writable: bool,
+        min_length: int = 0,
+        max_views: int = 1 << 16,
+    ) -> list[int]:
+        """Up to ``limit`` chains as :meth:`pop_buffers_many` takes them, appended to the
+        caller's parallel lists instead of returned: each chain's head, total length and view
+        count, and its views in order (so ``views`` can go to ``readv`` as it is).
+
+        The receive path of virtio-net stashes many one-buffer chains per frame, and this
+        spares a tuple and a list per chain. A chain shorter than ``min_length`` is not
+        appended: its head is returned, for the caller to give back. A chain with more than
+        ``max_views`` buffers keeps its first ``max_views``.
+        """
+        count = min(self._pending(memory), limit)
+        if not count:
+            return []
+        size = self.size
+        mask = size - 1
+        ring = self._avail_u16
+        table = self._desc_view
+        unpack_from = DESC.unpack_from
+        want = VIRTQ_DESC_F_WRITE if writable else 0
+        start, span, base = self._region
+        floor = max(min_length, 1)
+        add_head, add_length, add_count, add_view = (
+            heads.append,
+            lengths.append,
+            view_counts.append,
+            views.append,
+        )
+        next_avail = self.next_avail
+        rejected: list[int] = []
+        for _ in range(count):
+            head = ring[2 + (next_avail & mask)]
+            next_avail = (next_avail + 1) & 0xFFFF
+            self.next_avail = next_avail
+            if head >= size:
+                raise QueueError(
+                    f"available ring names descriptor {head}, beyond queue size {size}"
+                )
+            addr, length, flags, _next = unpack_from(table, head << 4)
+            if flags == want and length >= floor:
+                offset = addr - start
+                if offset >= 0 and offset + length <= span:
+                    add_view(base[offset : offset + length])
+                else:
+                    add_view(self._slice_buffer(memory, head, addr, length))
+                    start, span, base = self._region
+                add_head(head)
+                add_length(length)
+                add_count(1)
+                continue
+            chain, length = self._chain_views(memory, head, want)
+            start, span, base = self._region
+            if len(chain) > max_views:
+                del chain[max_views:]
+                length = sum(map(len, chain))
+            if length < min_length or not length:
+                rejected.append(head)
+                continue
+            heads.append(head)
+            lengths.append(length)
+            view_counts.append(len(chain))
+            views += chain
+        return rejected
+
     def _chain_views(
         self, memory: GuestMemory, head: int, want: int
     ) -> tuple[list[memoryview], int]:
@@ -588,6 +663,50 @@ class Queue:
             next_used = (next_used + 1) & 0xFFFF
         self.next_used = next_used
         self._used_u16[1] = next_used
+
+    def stage_used_spread(
+        self, memory: GuestMemory, heads: Sequence[int], lengths: Sequence[int], written: int
+    ) -> int:
+        """Store the used elements of the first chains of ``heads`` that ``written`` bytes
+        filled in order (each chain ``lengths[i]`` bytes, the last one maybe in part) and
+        return how many chains that took. The driver sees none of them until
+        :meth:`publish_used`: a device may still write into the buffers (virtio-net's
+        ``num_buffers``) in between.
+        """
+        self.validate(memory)
+        size = self.size
+        mask = size - 1
+        next_used = self.next_used
+        view = self._used_view
+        pack_into = USED_ELEM.pack_into
+        elem = USED_ELEM.size
+        first = RING_HEADER.size
+        left = written
+        taken = 0
+        available = len(heads)
+        while True:
+            if taken >= available:
+                raise QueueError(
+                    f"{written} bytes written do not fit in the {available} chains offered"
+                )
+            head = heads[taken]
+            length = lengths[taken]
+            if not 0 <= head < size:
+                raise QueueError(f"used entry names descriptor {head}, beyond queue size")
+            part = length if left > length else left
+            pack_into(view, first + elem * (next_used & mask), head, part)
+            next_used = (next_used + 1) & 0xFFFF
+            taken += 1
+            left -= part
+            if left <= 0:
+                break
+        self.next_used = next_used
+        return taken
+
+    def publish_used(self, memory: GuestMemory) -> None:
+        """Make every used element stored so far visible to the driver (the used index)."""
+        self.validate(memory)
+        self._used_u16[1] = self.next_used
 
     def needs_notification(self, memory: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for the used entries added so far (2.7.10).
