@@ -47,6 +47,7 @@ Usage: ``PYTHONPATH=src .venv/bin/python benchmarks/block_local.py [--requests N
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import resource
@@ -402,8 +403,9 @@ def run_reference(args: argparse.Namespace, disk: Path, *, sequential: bool) -> 
     position = iter(offsets)
 
     def loop() -> None:
-        buffer = memoryview(bytearray(request_size + BLOCK))
-        view = [buffer[:request_size]]
+        # A mapping is page aligned, as O_DIRECT (--direct) wants the buffer.
+        buffer = mmap.mmap(-1, request_size)
+        view = [memoryview(buffer)]
         while True:
             with lock:
                 offset = next(position, None)
