@@ -7,8 +7,10 @@ the page cache holds it, so each read is cheap and the device's own cost is what
 measures). The driver runs in a child process, as a guest runs on its own vCPU: it neither takes
 the device's GIL nor counts in its CPU time. Everything between the driver and the file runs as
 in a VM: the device's queue worker wakes on the notify eventfd, parses and checks each chain,
-hands it to the I/O thread pool, publishes used entries and raises the "interrupt", which here is
-an eventfd the driver blocks on, as an irqfd would be.
+hands it to the I/O thread pool (or, with ``--direct``, submits it by native AIO), publishes
+used entries and raises the "interrupt", which here is an eventfd the driver blocks on, as an
+irqfd would be. With ``--direct`` the reads bypass the page cache and reach the host's disk, so
+the numbers also depend on that disk.
 
 The driver does what the guest's driver does with VIRTIO_RING_F_EVENT_IDX and
 VIRTIO_RING_F_INDIRECT_DESC negotiated: it keeps ``--depth`` requests (32) outstanding, each a
@@ -41,12 +43,13 @@ Output: a JSON line of ``benchmarks/_report.py`` per metric (``block_local_randr
 then ``block_local`` last, the device's CPU microseconds per 4 KiB random read.
 
 Usage: ``PYTHONPATH=src .venv/bin/python benchmarks/block_local.py [--requests N] [--runs R]
-[--no-indirect] [--direct] [--delay-us US] [--only randread|seq]``.
+[--no-indirect] [--direct [--no-native-aio]] [--delay-us US] [--only randread|seq]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import resource
@@ -346,7 +349,8 @@ def run_nubis(args: argparse.Namespace, disk: Path, *, sequential: bool) -> dict
             os._exit(0)
     os.close(go_read)
     os.close(report_write)
-    device = Block(disk, direct=args.direct, io_threads=args.io_threads)
+    options = {"native_aio": False} if args.no_native_aio else {}
+    device = Block(disk, direct=args.direct, io_threads=args.io_threads, **options)
     device.ack_features(device.avail_features)
     device.activate(memory, driver.interrupt, [driver.activated_queue()])
     reports = os.fdopen(report_read, "r")
@@ -402,8 +406,9 @@ def run_reference(args: argparse.Namespace, disk: Path, *, sequential: bool) -> 
     position = iter(offsets)
 
     def loop() -> None:
-        buffer = memoryview(bytearray(request_size + BLOCK))
-        view = [buffer[:request_size]]
+        # A mapping is page aligned, as O_DIRECT (--direct) wants the buffer.
+        buffer = mmap.mmap(-1, request_size)
+        view = [memoryview(buffer)]
         while True:
             with lock:
                 offset = next(position, None)
@@ -442,6 +447,11 @@ def main() -> None:
     parser.add_argument("--disk", type=Path, default=Path("/tmp/nubis-block-local.img"))
     parser.add_argument("--no-indirect", dest="indirect", action="store_false")
     parser.add_argument("--direct", action="store_true", help="open the file O_DIRECT")
+    parser.add_argument(
+        "--no-native-aio",
+        action="store_true",
+        help="with --direct, use the I/O threads instead of native AIO",
+    )
     parser.add_argument("--delay-us", type=float, default=0.0, help="sleep before each read")
     parser.add_argument("--only", choices=("randread", "seq"))
     args = parser.parse_args()

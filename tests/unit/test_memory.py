@@ -36,6 +36,8 @@ def test_host_address_is_the_mapping(memory: GuestMemory) -> None:
     region = memory.regions[1]
     memory.write(0x10010, b"nubis")
     assert ctypes.string_at(region.host_address + 0x10, 5) == b"nubis"
+    assert memory.host_address(0x10010, 5) == region.host_address + 0x10
+    assert memory.host_address(0x7FFF, 1) == memory.regions[0].host_address + 0x7FFF
 
 
 def test_shared_memory_uses_memfd() -> None:
@@ -102,6 +104,8 @@ def test_out_of_bounds_accesses_raise(memory: GuestMemory, addr: int, length: in
         memory.slice(addr, length)
     with pytest.raises(GuestMemoryError):
         memory.read(addr, length)
+    with pytest.raises(GuestMemoryError):
+        memory.host_address(addr, length)
     if length >= 0 and length < 1 << 20:
         with pytest.raises(GuestMemoryError):
             memory.write(addr, bytes(length))
@@ -234,12 +238,17 @@ def test_accesses_never_escape(layout: list[tuple[int, int]], addr: int, length:
         if expected:
             view = mem.slice(addr, length)
             assert len(view) == length
+            region = mem.find_region(addr)
+            assert region is not None
+            assert mem.host_address(addr, length) == region.host_address + addr - region.start
             view.release()
         else:
             with pytest.raises(GuestMemoryError):
                 mem.slice(addr, length)
             with pytest.raises(GuestMemoryError):
                 mem.read(addr, length)
+            with pytest.raises(GuestMemoryError):
+                mem.host_address(addr, length)
 
 
 @settings(max_examples=100, deadline=None)

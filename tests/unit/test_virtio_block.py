@@ -1,4 +1,9 @@
-"""Tests for virtio-blk (nubis.virtio.block) with the mock driver and real temporary files."""
+"""Tests for virtio-blk (nubis.virtio.block) with the mock driver and real temporary files.
+
+Tests that move data run on both backends: ``threads`` (a buffered disk, the I/O thread pool)
+and ``aio`` (a direct disk on a filesystem with O_DIRECT, native AIO, buffers 512-byte aligned
+so that they take the O_DIRECT descriptor).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,22 +56,44 @@ def memory() -> Iterator[GuestMemory]:
     mem.close()
 
 
+@pytest.fixture(params=["threads", "aio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
+def disk(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[Path]:
+    directory = tmp_path
+    if backend == "aio":
+        directory = request.getfixturevalue("direct_dir") / tmp_path.name
+        directory.mkdir()
+    path = directory / "disk.img"
     path.write_bytes(bytes(range(256)) * (DISK_SECTORS * 2))
-    return path
+    yield path
+    if backend == "aio":
+        path.unlink(missing_ok=True)
+        directory.rmdir()
+
+
+def _open(disk: Path, backend: str, **options: Any) -> Block:
+    """The device for ``backend``: a direct disk uses native AIO."""
+    return Block(disk, direct=backend == "aio", **options)
 
 
 class Harness:
     """A block device activated over a mock driver."""
 
-    def __init__(self, block: Block, memory: GuestMemory, *, event_idx: bool = False) -> None:
+    def __init__(
+        self, block: Block, memory: GuestMemory, *, event_idx: bool = False, aio: bool | None = None
+    ) -> None:
         self.block = block
         self.memory = memory
         self.driver = MockDriver(block, memory, event_idx=event_idx)
         self.driver.activate()
         self.mock = self.driver.queues[0]
+        # The backend under test is the one in use (a direct disk uses native AIO by default).
+        assert block.uses_native_aio == (block.direct if aio is None else aio)
+        self.alignment = 512 if block.direct else 8
 
     def submit(
         self,
@@ -80,7 +108,7 @@ class Harness:
         header = REQUEST_HEADER.pack(kind, 0, sector)
         readable = [header, data] if data else [header]
         writable = [read_len, 1] if read_len else [1]
-        chain = self.mock.add_chain(readable, writable, indirect=indirect)
+        chain = self.mock.add_chain(readable, writable, indirect=indirect, alignment=self.alignment)
         return self.complete(chain)
 
     def complete(self, chain: MockChain) -> tuple[int, bytes, int]:
@@ -99,8 +127,8 @@ class Harness:
 
 
 @pytest.fixture
-def harness(disk: Path, memory: GuestMemory) -> Iterator[Harness]:
-    h = Harness(Block(disk, serial="nubis-disk-0"), memory)
+def harness(disk: Path, memory: GuestMemory, backend: str) -> Iterator[Harness]:
+    h = Harness(_open(disk, backend, serial="nubis-disk-0"), memory)
     yield h
     h.close()
 
@@ -319,10 +347,10 @@ def test_write_zeroes(harness: Harness, disk: Path, unmap: bool) -> None:
     assert harness.block.counters()["write_zeroes_ops"] == 1
 
 
-def test_readonly_disk_refuses_changes(disk: Path, memory: GuestMemory) -> None:
+def test_readonly_disk_refuses_changes(disk: Path, memory: GuestMemory, backend: str) -> None:
     before = disk.read_bytes()
     mtime = disk.stat().st_mtime_ns
-    h = Harness(Block(disk, readonly=True), memory)
+    h = Harness(_open(disk, backend, readonly=True), memory)
     try:
         assert h.submit(VIRTIO_BLK_T_OUT, 0, b"\xaa" * 512)[0] == VIRTIO_BLK_S_IOERR
         discard = DISCARD_SEGMENT.pack(0, 8, 0)
@@ -347,8 +375,13 @@ def test_read_past_a_shrunk_file_fills_zeroes(harness: Harness, disk: Path) -> N
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_direct_io(disk: Path, memory: GuestMemory, aligned: bool) -> None:
-    h = Harness(Block(disk, direct=True), memory)
+@pytest.mark.parametrize("native_aio", [False, True])
+def test_direct_io(
+    direct_dir: Path, tmp_path: Path, memory: GuestMemory, aligned: bool, native_aio: bool
+) -> None:
+    disk = direct_dir / f"{tmp_path.name}.img"
+    disk.write_bytes(bytes(range(256)) * (DISK_SECTORS * 2))
+    h = Harness(Block(disk, direct=True, native_aio=native_aio), memory, aio=native_aio)
     try:
         payload = os.urandom(4096)
         header = REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 16)
@@ -378,14 +411,17 @@ def test_direct_io(disk: Path, memory: GuestMemory, aligned: bool) -> None:
         assert h.memory.read(data_addr, 4096) == payload
     finally:
         h.close()
+        disk.unlink()
 
 
-def test_many_requests_with_event_idx(disk: Path, memory: GuestMemory) -> None:
-    h = Harness(Block(disk), memory, event_idx=True)
+def test_many_requests_with_event_idx(disk: Path, memory: GuestMemory, backend: str) -> None:
+    h = Harness(_open(disk, backend), memory, event_idx=True)
     try:
         h.mock.set_used_event(0xFFFF)  # no interrupt wanted
         chains = [
-            h.mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, i)], [512, 1])
+            h.mock.add_chain(
+                [REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, i)], [512, 1], alignment=h.alignment
+            )
             for i in range(50)
         ]
         h.driver.notify(0)
@@ -418,12 +454,14 @@ def test_hostile_chain_sets_needs_reset_and_reset_recovers(harness: Harness) -> 
 
 
 def test_shutdown_drains_the_queue_and_flushes(
-    disk: Path, memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+    disk: Path, memory: GuestMemory, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    h = Harness(Block(disk), memory)
+    h = Harness(_open(disk, backend), memory)
     payload = os.urandom(512)
     # Published without a notification: shutdown must still complete it.
-    chain = h.mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 5), payload], [1])
+    chain = h.mock.add_chain(
+        [REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 5), payload], [1], alignment=h.alignment
+    )
     synced: list[int] = []
     real = os.fdatasync
 

@@ -219,6 +219,16 @@ class GuestMemory:
                 return region._view[offset : offset + length]
         raise GuestMemoryError(addr, length)
 
+    def host_address(self, addr: int, length: int) -> int:
+        """The host virtual address of ``[addr, addr + length)``, which must lie in one region.
+
+        For handing guest buffers to the kernel (an iovec of native AIO): unlike a
+        :meth:`slice`, the address does not keep the mapping alive, so the caller makes sure
+        that the kernel is done with it before the memory is closed.
+        """
+        region, offset = self._locate(addr, length)
+        return region.host_address + offset
+
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory at ``addr``."""
         region, offset = self._locate(addr, length)

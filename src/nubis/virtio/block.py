@@ -5,37 +5,67 @@ The device has one request queue. Each request is a descriptor chain holding a 1
 WRITE_ZEROES; written for IN and GET_ID) and finally one status byte the device writes. Message
 framing is free (2.6.4): the header and the data may be split across descriptors anyhow.
 
-Data moves with ``os.preadv``/``os.pwritev`` straight between the backing file and guest memory
-(memoryview slices of the guest mapping, no intermediate copy). FLUSH completes only after
+Data moves straight between the backing file and guest memory, with no intermediate copy: by
+``os.preadv``/``os.pwritev`` on memoryview slices of the guest mapping, or by native AIO iovecs
+that name the mapping's host addresses (see below). FLUSH completes only after
 ``fdatasync``. DISCARD and WRITE_ZEROES use ``fallocate(2)``, which Python does not wrap, through
 ctypes. Everything in a request is guest-controlled: sectors and lengths are checked against the
 capacity and a malformed request gets an IOERR or UNSUPP status, never an exception.
 
 Concurrency. A disk is latency-bound: one request at a time leaves the backing idle while the
-guest's driver keeps dozens queued, so reads and writes run on a small pool of I/O threads
-(``io_threads``, 16 by default; ``preadv``/``pwritev`` release the GIL) while the queue worker
-keeps popping. The split of work keeps every guest-controlled decision on the worker thread:
+guest's driver keeps dozens queued, so reads and writes are put in flight while the queue worker
+keeps popping. Every guest-controlled decision stays on the worker thread: it pops a chain,
+parses and checks the request (header, type, range, read-only) and either answers it at once
+(errors, GET_ID) or starts its I/O on one of two backends.
 
-* the worker pops a chain, parses and checks the request (header, type, range, read-only) as
-  before, and either answers it at once (errors, GET_ID) or hands the I/O to the pool;
+Native AIO (direct disks, as QEMU's ``aio=native``). A disk opened with ``direct`` moves its
+data with Linux native AIO (:mod:`nubis.virtio.aio`) and no helper thread at all:
+
+* the worker turns each checked read or write into an iocb whose iovecs hold the host addresses
+  of the guest buffers (``GuestMemory.host_address``; the queue already checked the ranges) and
+  submits the whole burst it popped with one ``io_submit``. The iocbs and iovec arrays are
+  preallocated per slot, one slot per request in flight and as many slots as the queue has
+  entries, so they stay valid until the kernel is done with them;
+* each iocb names the completion eventfd the worker's epoll watches (``IOCB_FLAG_RESFD``); on it
+  the worker takes every completion with a non-blocking ``io_getevents``, writes the status
+  bytes, publishes the lot with one used-index update and raises one interrupt
+  (``signal_used``, so EVENT_IDX suppression applies). Used entries come out in completion
+  order, which the split ring allows when VIRTIO_F_IN_ORDER is not negotiated (2.7.8);
+* ``io_submit`` may take fewer iocbs than offered: the rest are offered again at once, and on
+  EAGAIN (no room in the kernel) they wait until a completion frees room. Another refusal fails
+  that request with IOERR;
+* a short transfer is resubmitted for its remainder, as ``preadv`` would be called again: a
+  read that reaches end of file (the image shrank) fills the rest with zeroes, a write the disk
+  takes no more of fails with IOERR, and a negative result fails with IOERR. Requests with more
+  buffers than IOV_MAX go out in IOV_MAX-sized pieces the same way. EINVAL on the O_DIRECT
+  descriptor, at submission or as a result, means the backing wants stricter alignment than
+  assumed: the request is retried on the buffered descriptor, as the thread pool does.
+
+Guest buffers that do not meet the O_DIRECT alignment go through the buffered descriptor,
+still by native AIO; ``io_submit`` then copies them before it returns (Linux only runs native
+AIO asynchronously on O_DIRECT files), blocking the worker for the copy. Linux's virtio_blk
+aligns its buffers, so this is the exception.
+
+The I/O thread pool (buffered disks, where ``io_submit`` would block just the same; direct
+disks when the kernel refuses an AIO context, e.g. without CONFIG_AIO or with
+``fs.aio-max-nr`` exhausted). ``io_threads`` threads (16 by default) run ``preadv``/``pwritev``,
+which release the GIL:
+
 * an I/O thread only slices guest memory at addresses the queue already checked, moves the
   bytes, releases its views and appends the finished request to a deque; it writes the eventfd
   that the worker's epoll watches only when the worker has not been woken already since it
   last took the deque, so a burst of completions costs one wake-up;
-* only the worker writes status bytes and used entries and signals the driver: it takes every
-  finished request at once and raises one interrupt for the lot (``signal_used``, so
-  EVENT_IDX suppression still applies). Used entries may come out of order, which the split
-  ring allows when VIRTIO_F_IN_ORDER is not negotiated (2.7.8).
+* only the worker writes status bytes and used entries and signals the driver, as above. Each
+  request costs a hand-off to a thread and back, a few wake-ups and GIL switches, which is why
+  direct disks prefer native AIO.
 
 FLUSH, DISCARD and WRITE_ZEROES are barriers: the worker first waits until every request popped
 before them has completed (publishing those completions), then runs them itself. A FLUSH therefore
 reaches ``fdatasync`` only after every earlier write is in the file; the requests after a barrier
 wait for it, as a barrier is rare next to reads and writes. Reset and shutdown stop the worker,
-then wait for every request still in flight (publishing it unless the device failed), so no I/O
-thread holds a view of guest memory or uses the backing file once ``reset()`` or ``shutdown()``
-returns. A POSIX-AIO or io_uring backend would avoid the threads, but neither is in the
-standard library; threads blocked in system calls cost little next to the per-request latency
-they hide.
+then wait for every request still in flight (publishing it unless the device failed; a failed
+device submits nothing more), so no I/O thread and no kernel AIO request touches guest memory or
+the backing file once ``reset()`` or ``shutdown()`` returns; then the AIO context is destroyed.
 """
 
 from __future__ import annotations
@@ -54,6 +84,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nubis._log import getLogger
+from nubis.virtio.aio import (
+    IO_EVENT,
+    IOCB,
+    IOCB_CMD_PREADV,
+    IOCB_CMD_PWRITEV,
+    IOCB_FLAG_RESFD,
+    IOVEC,
+    AioContext,
+)
 from nubis.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
@@ -174,14 +213,18 @@ class RequestError(Exception):
 
 
 class _IoRequest:
-    """A checked read or write on its way through the I/O pool and back to the worker."""
+    """A checked read or write on its way through the I/O pool or native AIO and back to the
+    worker.
+    """
 
     __slots__ = (
+        "done",
         "fd",
         "head",
         "length",
         "memory",
         "offset",
+        "piece",
         "segments",
         "status",
         "status_addr",
@@ -208,6 +251,149 @@ class _IoRequest:
         self.write = write
         self.status_addr = status_addr
         self.status = VIRTIO_BLK_S_IOERR
+        # Native AIO only: bytes moved so far, and bytes asked for by the iocb in flight.
+        self.done = 0
+        self.piece = 0
+
+
+def _host_buffer(size: int) -> tuple[memoryview, int]:
+    """A zeroed buffer for the kernel to read or write, and its host address.
+
+    The memoryview keeps the bytearray from being resized, so the address stays valid as long as
+    the view lives.
+    """
+    raw = bytearray(size)
+    address = ctypes.addressof((ctypes.c_char * size).from_buffer(raw))
+    return memoryview(raw), address
+
+
+class _NativeAio:
+    """The native AIO backend of a direct disk: a kernel context and ``depth`` slots.
+
+    Slot ``i`` owns the ``i``-th iocb of one array, an iovec array (grown as requests need) and
+    the request it carries while in flight; the iocb's ``aio_data`` is ``i``. Requests wait in
+    ``pending`` until a slot is free and ``io_submit`` takes them. Only the worker thread (or,
+    once it has stopped, reset or shutdown) uses this object.
+    """
+
+    def __init__(self, depth: int, resfd: int, context: AioContext) -> None:
+        self.context = context
+        self.depth = depth
+        self.resfd = resfd
+        self.iocbs, self.iocb_base = _host_buffer(IOCB.size * depth)
+        self.pointers, self.pointer_base = _host_buffer(8 * depth)
+        self.events, self.event_base = _host_buffer(IO_EVENT.size * depth)
+        self.iovecs: list[memoryview | None] = [None] * depth
+        self.iovec_bases = [0] * depth
+        self.requests: list[_IoRequest | None] = [None] * depth
+        self.free = list(range(depth - 1, -1, -1))
+        self.pending: deque[_IoRequest] = deque()
+
+    @property
+    def submitted(self) -> int:
+        """Requests the kernel holds."""
+        return self.depth - len(self.free)
+
+    def _prepare(self, slot: int, request: _IoRequest, memory: GuestMemory) -> None:
+        """Fill slot ``slot``'s iovecs and iocb with what is left of ``request``."""
+        segments = request.segments
+        if request.done:
+            segments = _split(segments, request.done)[1]
+        if len(segments) > _IOV_MAX:
+            segments = segments[:_IOV_MAX]
+        count = len(segments)
+        iovecs = self.iovecs[slot]
+        if iovecs is None or len(iovecs) < IOVEC.size * count:
+            iovecs, self.iovec_bases[slot] = _host_buffer(IOVEC.size * max(count, 4))
+            self.iovecs[slot] = iovecs
+        host_address = memory.host_address
+        if count == 1:
+            addr, piece = segments[0]
+            IOVEC.pack_into(iovecs, 0, host_address(addr, piece), piece)
+        else:
+            piece = 0
+            position = 0
+            for addr, size in segments:
+                IOVEC.pack_into(iovecs, position, host_address(addr, size), size)
+                position += IOVEC.size
+                piece += size
+        request.piece = piece
+        IOCB.pack_into(
+            self.iocbs,
+            IOCB.size * slot,
+            slot,  # aio_data
+            0,  # aio_key
+            0,  # aio_rw_flags
+            IOCB_CMD_PWRITEV if request.write else IOCB_CMD_PREADV,
+            0,  # aio_reqprio
+            request.fd,
+            self.iovec_bases[slot],
+            count,
+            request.offset + request.done,
+            0,  # aio_reserved2
+            IOCB_FLAG_RESFD,
+            self.resfd,
+        )
+
+    def submit_pending(self, memory: GuestMemory) -> list[tuple[_IoRequest, OSError]]:
+        """Submit pending requests while slots are free; returns those the kernel refused.
+
+        A short submission is retried with the rest; EAGAIN (the kernel has no room) leaves the
+        rest pending until a completion frees room, unless nothing is in flight to free it.
+        """
+        refused: list[tuple[_IoRequest, OSError]] = []
+        pending, free, requests = self.pending, self.free, self.requests
+        while pending and free:
+            count = min(len(pending), len(free))
+            slots: list[int] = []
+            error: OSError | None = None
+            taken = 0
+            try:
+                for _ in range(count):
+                    slot = free.pop()
+                    slots.append(slot)
+                    request = requests[slot] = pending.popleft()
+                    self._prepare(slot, request, memory)
+                base = self.iocb_base
+                struct.pack_into(
+                    f"<{count}Q", self.pointers, 0, *[base + IOCB.size * i for i in slots]
+                )
+                taken = self.context.submit(self.pointer_base, count)
+            except OSError as exc:
+                taken, error = 0, exc
+            finally:
+                # Give back the slots of the requests not taken (all of them if preparing one
+                # failed); the requests go back to the front, in order.
+                for slot in reversed(slots[taken:]):
+                    returned = requests[slot]
+                    requests[slot] = None
+                    free.append(slot)
+                    if returned is not None:
+                        pending.appendleft(returned)
+            if taken == count:
+                continue
+            if error is None:
+                continue  # taken short: the next round submits the rest or learns why not
+            if error.errno == errno.EAGAIN and self.submitted:
+                break  # a completion frees room; the worker resubmits then
+            refused.append((pending.popleft(), error))
+        return refused
+
+    def collect(self) -> list[tuple[_IoRequest, int]]:
+        """Take every completion the kernel has: (request, result) pairs, slots freed."""
+        finished: list[tuple[_IoRequest, int]] = []
+        requests, free, events = self.requests, self.free, self.events
+        while self.submitted:
+            count = self.context.get_events(self.event_base, self.depth)
+            for slot, _obj, result, _res2 in IO_EVENT.iter_unpack(events[: IO_EVENT.size * count]):
+                request = requests[slot]
+                assert request is not None
+                requests[slot] = None
+                free.append(slot)
+                finished.append((request, result))
+            if count < self.depth:
+                break
+        return finished
 
 
 class Block(QueueDevice):
@@ -216,7 +402,9 @@ class Block(QueueDevice):
     ``readonly`` opens the backing O_RDONLY and offers VIRTIO_BLK_F_RO; ``direct`` opens it
     O_DIRECT (misaligned guest buffers then go through a second, buffered descriptor);
     ``serial`` is the GET_ID answer (at most 20 bytes; derived from the file otherwise);
-    ``io_threads`` is how many reads and writes may be in flight at once.
+    ``io_threads`` is how many reads and writes may be in flight at once on the thread pool.
+    A direct disk moves its data with Linux native AIO instead, up to ``queue_size`` requests
+    in flight, unless ``native_aio`` is false or the kernel refuses an AIO context.
     """
 
     def __init__(
@@ -228,6 +416,7 @@ class Block(QueueDevice):
         serial: str | bytes | None = None,
         queue_size: int = 256,
         io_threads: int = DEFAULT_IO_THREADS,
+        native_aio: bool = True,
     ) -> None:
         """Open ``path`` and size the disk; raises OSError or ValueError with one clear sentence."""
         if io_threads < 1:
@@ -315,6 +504,10 @@ class Block(QueueDevice):
         # Set by the I/O thread that wrote _done_fd; the worker clears it after reading
         # _done_fd and before taking _done, so a completion appended later wakes it again.
         self._done_signalled = False
+        # Native AIO (direct disks): created at activation, destroyed at reset and shutdown.
+        # Its completions count on _done_fd too; finished requests also go through _done.
+        self._native_aio = native_aio and direct
+        self._aio: _NativeAio | None = None
 
     # --- VirtioDevice -------------------------------------------------------------------------
 
@@ -355,9 +548,25 @@ class Block(QueueDevice):
         """Bytes and operations read, written, flushed, discarded; errors."""
         return dict(self._counters)
 
+    @property
+    def uses_native_aio(self) -> bool:
+        """Whether reads and writes go through native AIO (an active direct disk) rather than
+        the I/O threads.
+        """
+        return self._aio is not None
+
     def setup_worker(self, worker: Worker) -> None:
-        """Watch the completion eventfd and make sure the I/O threads run."""
+        """Watch the completion eventfd; set up native AIO or make sure the I/O threads run."""
         worker.add_fd(self._done_fd, self._completions_ready)
+        if self._native_aio and self._aio is None:
+            depth = self._queue_max_sizes[0]
+            try:
+                self._aio = _NativeAio(depth, self._done_fd, AioContext(depth))
+                return
+            except OSError as exc:
+                _log.debug("%s: native AIO is unavailable, using I/O threads: %s", self.name, exc)
+        if self._aio is not None:
+            return
         while len(self._threads) < self._io_threads:
             thread = threading.Thread(
                 target=self._io_loop, name=f"nubis-{self.name}-io{len(self._threads)}", daemon=True
@@ -368,6 +577,15 @@ class Block(QueueDevice):
     def on_reset(self) -> None:
         """Wait for the requests still in flight; a healthy device still completes them."""
         self._quiesce(publish=not self.failed)
+        self._destroy_aio()
+
+    def _destroy_aio(self) -> None:
+        aio, self._aio = self._aio, None
+        if aio is not None:
+            try:
+                aio.context.destroy()
+            except OSError as exc:
+                _log.error("%s: releasing the AIO context failed: %s", self.name, exc)
 
     def drain_on_shutdown(self, index: int) -> None:
         """Start what is still available, then wait for it and every request in flight."""
@@ -377,6 +595,7 @@ class Block(QueueDevice):
     def on_shutdown(self) -> None:
         """Wait for any I/O still in flight, stop the I/O threads, flush the backing, close it."""
         self._quiesce(publish=False)
+        self._destroy_aio()
         threads, self._threads = self._threads, []
         for _ in threads:
             self._jobs.put(None)
@@ -415,6 +634,9 @@ class Block(QueueDevice):
                     if used >= 0:
                         queue.add_used(memory, chain.head_index, used)
                         completed += 1
+                if self._aio is not None and self._aio.pending:
+                    # The whole burst goes to the kernel with one io_submit.
+                    self._aio_submit(memory)
                 if not queue.enable_notification(memory):
                     break
             if self._done:
@@ -435,8 +657,11 @@ class Block(QueueDevice):
     def _reap(self, memory: GuestMemory | None, queue: Queue | None) -> int:
         """Take back every finished request and publish it (without a queue: only count it).
 
-        Returns the number of used entries added.
+        With native AIO, first collect the kernel's completions and submit what waits for a
+        slot (without a queue: drop it instead). Returns the number of used entries added.
         """
+        if self._aio is not None:
+            self._aio_collect(memory if queue is not None else None)
         done = self._done
         counters = self._counters
         used: list[tuple[int, int]] = []
@@ -556,7 +781,11 @@ class Block(QueueDevice):
         offset = sector << SECTOR_SHIFT
         fd = self._fd if self._direct_fd < 0 else self._fd_for(segments, offset, length)
         self._inflight += 1
-        self._jobs.put(_IoRequest(head, memory, fd, segments, offset, length, write, status_addr))
+        request = _IoRequest(head, memory, fd, segments, offset, length, write, status_addr)
+        if self._aio is not None:
+            self._aio.pending.append(request)
+        else:
+            self._jobs.put(request)
 
     def _execute(
         self,
@@ -597,6 +826,70 @@ class Block(QueueDevice):
             if addr % align or size % align:
                 return self._fd
         return self._direct_fd
+
+    # --- native AIO (worker thread) -----------------------------------------------------------
+
+    def _aio_submit(self, memory: GuestMemory) -> None:
+        """Submit what waits for a slot; a request the kernel refuses fails with IOERR."""
+        aio = self._aio
+        assert aio is not None
+        while refused := aio.submit_pending(memory):
+            for request, exc in refused:
+                if exc.errno == errno.EINVAL and request.fd == self._direct_fd:
+                    # The backing wants stricter O_DIRECT alignment than assumed.
+                    request.fd = self._fd
+                    aio.pending.append(request)
+                    continue
+                self._log_io_error(exc)
+                request.status = VIRTIO_BLK_S_IOERR
+                self._done.append(request)
+
+    def _aio_collect(self, memory: GuestMemory | None) -> None:
+        """Settle the kernel's completions into _done, or back into pending for the rest of a
+        short transfer; then submit what is pending (without memory: drop it).
+        """
+        aio = self._aio
+        assert aio is not None
+        done = self._done
+        for request, result in aio.collect():
+            if result == request.piece:
+                request.done += result
+                if request.done == request.length:
+                    request.status = VIRTIO_BLK_S_OK
+                    done.append(request)
+                    continue
+            elif result < 0:
+                if result == -errno.EINVAL and request.fd == self._direct_fd:
+                    # The backing wants stricter O_DIRECT alignment than assumed.
+                    request.fd = self._fd
+                else:
+                    self._log_io_error(OSError(-result, os.strerror(-result)))
+                    request.status = VIRTIO_BLK_S_IOERR
+                    done.append(request)
+                    continue
+            elif result == 0 and memory is not None:
+                if request.write:
+                    _log.debug("%s: the disk accepted no more bytes", self.name)
+                    request.status = VIRTIO_BLK_S_IOERR
+                else:
+                    # End of file (the image shrank): the rest reads as zeroes.
+                    for addr, size in _split(request.segments, request.done)[1]:
+                        memory.slice(addr, size)[:] = bytes(size)
+                    request.status = VIRTIO_BLK_S_OK
+                done.append(request)
+                continue
+            else:
+                request.done += result  # a short transfer: the rest goes out again
+            aio.pending.append(request)
+        if memory is not None:
+            if aio.pending:
+                self._aio_submit(memory)
+        else:
+            # The device is stopping without publishing: nothing more goes to the kernel.
+            while aio.pending:
+                request = aio.pending.popleft()
+                request.memory = None  # type: ignore[assignment]
+                self._inflight -= 1
 
     # --- the I/O threads ----------------------------------------------------------------------
 

@@ -164,19 +164,21 @@ class MockSplitQueue:
         writable: Sequence[int] = (),
         *,
         indirect: bool = False,
+        alignment: int = 8,
     ) -> MockChain:
         """Publish a chain of readable buffers holding ``readable`` and writable buffers of the
-        given sizes, directly in the table or through one indirect table.
+        given sizes (each starting at a multiple of ``alignment``), directly in the table or
+        through one indirect table.
         """
         chain = MockChain(head=-1)
         entries: list[tuple[int, int, int]] = []
         for data in readable:
-            addr = self.alloc(len(data))
+            addr = self.alloc(len(data), alignment)
             self.memory.write(addr, data)
             chain.readable.append((addr, len(data)))
             entries.append((addr, len(data), 0))
         for length in writable:
-            addr = self.alloc(length)
+            addr = self.alloc(length, alignment)
             chain.writable.append((addr, length))
             entries.append((addr, length, VIRTQ_DESC_F_WRITE))
         if not entries:
