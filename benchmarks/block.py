@@ -19,7 +19,8 @@ Disk set-ups, chosen to do the same work per request:
 
 * nubis: ``--disk path=DATA,direct=on``, so the image is opened with O_DIRECT; nubis's queue
   worker parses requests and hands reads and writes to a pool of I/O threads (``preadv``/
-  ``pwritev``), so many requests are in flight at once, as with QEMU. In the nested test host
+  ``pwritev``), so many requests are in flight at once, as with QEMU. (On a local ext4, XFS or
+  block device nubis would use native AIO instead; on 9p ``io_submit`` is synchronous.) In the nested test host
   the image reaches L1 over 9p, where a 1 MiB O_DIRECT read costs about 20 ms and a 4 KiB one
   about 6 ms, so throughput depends on how many requests overlap.
 * QEMU 7.2: ``-M microvm,pcie=on`` (no emulated motherboard, as with nubis, plus a PCIe host

@@ -8,6 +8,7 @@ so that they take the O_DIRECT descriptor).
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from nubis.memory import GuestMemory
 from nubis.virtio.block import (
+    ASYNC_DIRECT_IO_FILESYSTEMS,
     CONFIG,
     DISCARD_SEGMENT,
     MAX_DISCARD_SEGMENTS,
@@ -36,6 +38,7 @@ from nubis.virtio.block import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     Block,
+    has_async_direct_io,
 )
 from nubis.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
@@ -92,7 +95,9 @@ class Harness:
         self.driver.activate()
         self.mock = self.driver.queues[0]
         # The backend under test is the one in use (a direct disk uses native AIO by default).
-        assert block.uses_native_aio == (block.direct if aio is None else aio)
+        if aio is None:  # the default: native AIO where the file system runs it asynchronously
+            aio = block.direct and has_async_direct_io(block._direct_fd)
+        assert block.uses_native_aio == aio
         self.alignment = 512 if block.direct else 8
 
     def submit(
@@ -474,3 +479,38 @@ def test_shutdown_drains_the_queue_and_flushes(
     assert h.mock.take_used() == [(chain.head, 1)]
     assert disk.read_bytes()[5 * 512 : 6 * 512] == payload
     assert synced
+
+
+def test_native_aio_is_chosen_by_the_file_system(direct_dir: Path, tmp_path: Path) -> None:
+    """Native AIO by default only where O_DIRECT I/O is asynchronous; forcing it still works."""
+    with open("/dev/shm/nubis-statfs-probe", "wb") as probe:  # tmpfs: io_submit would block
+        try:
+            assert not has_async_direct_io(probe.fileno())
+        finally:
+            os.unlink(probe.name)
+    disk = direct_dir / "disk.img"
+    disk.write_bytes(bytes(1 << 16))
+    # stat(1) names the file system's magic number independently of nubis's fstatfs.
+    magic = int(
+        subprocess.run(
+            ["stat", "-f", "-c", "%t", str(disk)], capture_output=True, text=True, check=True
+        ).stdout,
+        16,
+    )
+    async_here = magic in ASYNC_DIRECT_IO_FILESYSTEMS
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        assert has_async_direct_io(fd) == async_here
+    finally:
+        os.close(fd)
+    for native_aio, direct, expected in (
+        (None, True, async_here),
+        (True, True, True),
+        (False, True, False),
+        (True, False, False),
+    ):
+        block = Block(disk, direct=direct, native_aio=native_aio)
+        try:
+            assert block._native_aio == expected
+        finally:
+            block.shutdown()

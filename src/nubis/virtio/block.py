@@ -18,8 +18,14 @@ keeps popping. Every guest-controlled decision stays on the worker thread: it po
 parses and checks the request (header, type, range, read-only) and either answers it at once
 (errors, GET_ID) or starts its I/O on one of two backends.
 
-Native AIO (direct disks, as QEMU's ``aio=native``). A disk opened with ``direct`` moves its
-data with Linux native AIO (:mod:`nubis.virtio.aio`) and no helper thread at all:
+Native AIO (direct disks, as QEMU's ``aio=native``). A disk opened with ``direct`` on a block
+device or on a local filesystem whose O_DIRECT I/O Linux runs asynchronously (ext4, XFS, btrfs,
+F2FS: `ASYNC_DIRECT_IO_FILESYSTEMS`) moves its data with Linux native AIO
+(:mod:`nubis.virtio.aio`) and no helper thread at all. On other filesystems (9p, NFS, FUSE,
+overlayfs) ``io_submit`` performs each request before it returns, so one worker would run them
+one at a time: those direct disks keep the thread pool, which overlaps them (measured in the
+nested test host, whose images live on 9p: sequential 1 MiB reads at 0.71 of QEMU's rate with
+native AIO there, against 0.89 to 1.13 with the pool). With native AIO:
 
 * the worker turns each checked read or write into an iocb whose iovecs hold the host addresses
   of the guest buffers (``GuestMemory.host_address``; the queue already checked the ranges) and
@@ -47,8 +53,8 @@ AIO asynchronously on O_DIRECT files), blocking the worker for the copy. Linux's
 aligns its buffers, so this is the exception.
 
 The I/O thread pool (buffered disks, where ``io_submit`` would block just the same; direct
-disks when the kernel refuses an AIO context, e.g. without CONFIG_AIO or with
-``fs.aio-max-nr`` exhausted). ``io_threads`` threads (16 by default) run ``preadv``/``pwritev``,
+disks on filesystems without asynchronous direct I/O, and when the kernel refuses an AIO
+context, e.g. without CONFIG_AIO or with ``fs.aio-max-nr`` exhausted). ``io_threads`` threads (16 by default) run ``preadv``/``pwritev``,
 which release the GIL:
 
 * an I/O thread only slices guest memory at addresses the queue already checked, moves the
@@ -103,6 +109,8 @@ from nubis.virtio.queue import DescriptorChain, Queue
 from nubis.virtio.worker import QueueDevice, Worker, clear_eventfd
 
 if TYPE_CHECKING:
+    from typing import Final
+
     from nubis.memory import GuestMemory
 
 _log = getLogger(__name__)
@@ -177,6 +185,29 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_fstatfs.restype = ctypes.c_int
+_STATFS_SIZE = 120  # struct statfs on x86_64; f_type, a long, comes first
+
+# Filesystems whose O_DIRECT reads and writes Linux runs asynchronously under io_submit (their
+# direct I/O goes through iomap or the block layer's own path): ext2/3/4, XFS, btrfs, F2FS.
+# Elsewhere (9p, NFS, FUSE, overlayfs, tmpfs...) io_submit does the I/O before it returns, so
+# one worker would serialise what the I/O threads overlap.
+ASYNC_DIRECT_IO_FILESYSTEMS: Final = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010})
+
+
+def has_async_direct_io(fd: int) -> bool:
+    """Whether native AIO on ``fd`` (opened O_DIRECT) is asynchronous: a block device, or a
+    file on one of `ASYNC_DIRECT_IO_FILESYSTEMS`."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return True
+    buffer = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _fstatfs(fd, buffer) != 0:
+        return False
+    return int.from_bytes(buffer.raw[:8], "little") & 0xFFFF_FFFF in ASYNC_DIRECT_IO_FILESYSTEMS
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -404,7 +435,10 @@ class Block(QueueDevice):
     ``serial`` is the GET_ID answer (at most 20 bytes; derived from the file otherwise);
     ``io_threads`` is how many reads and writes may be in flight at once on the thread pool.
     A direct disk moves its data with Linux native AIO instead, up to ``queue_size`` requests
-    in flight, unless ``native_aio`` is false or the kernel refuses an AIO context.
+    in flight, where that is asynchronous (``native_aio=None``, the default: a block device
+    or a file on a filesystem of `ASYNC_DIRECT_IO_FILESYSTEMS`); ``native_aio=True`` uses it
+    on any direct disk, ``False`` never. The I/O threads take over if the kernel refuses an
+    AIO context.
     """
 
     def __init__(
@@ -416,7 +450,7 @@ class Block(QueueDevice):
         serial: str | bytes | None = None,
         queue_size: int = 256,
         io_threads: int = DEFAULT_IO_THREADS,
-        native_aio: bool = True,
+        native_aio: bool | None = None,
     ) -> None:
         """Open ``path`` and size the disk; raises OSError or ValueError with one clear sentence."""
         if io_threads < 1:
@@ -506,6 +540,8 @@ class Block(QueueDevice):
         self._done_signalled = False
         # Native AIO (direct disks): created at activation, destroyed at reset and shutdown.
         # Its completions count on _done_fd too; finished requests also go through _done.
+        if native_aio is None:
+            native_aio = self._direct_fd >= 0 and has_async_direct_io(self._direct_fd)
         self._native_aio = native_aio and direct
         self._aio: _NativeAio | None = None
 
