@@ -6,9 +6,9 @@ the process exits as soon as the guest resets. Runs on any /dev/kvm, including P
 Wall time and peak RSS (``ru_maxrss`` of the child) are medians over ``--runs`` alternating
 runs. The last line is the JSON result (time ratio); RSS figures ride along in it.
 
-nubis runs as ``python -m nubis`` (the same start path as the installed ``nubis`` script). Its
-modules are byte-compiled and bundled first (``nubis._bundle``), as ``scripts/install.sh``
-does: with an editable install and ``PYTHONDONTWRITEBYTECODE`` set, a module edited since its
+nubis runs as the installed ``nubis`` command, next to this interpreter (``.venv/bin/nubis``),
+as a user starts it. Its modules are byte-compiled and bundled first (``nubis._bundle``), as
+``scripts/install.sh`` does: with an editable install and ``PYTHONDONTWRITEBYTECODE`` set, a module edited since its
 last ``.pyc`` would otherwise be compiled from source on every run, and an edited module is
 not served from the bundle.
 
@@ -60,6 +60,9 @@ def main() -> int:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("qemu-system-x86_64 is missing: apt-get install qemu-system-x86")
+    command = Path(sys.executable).parent / "nubis"
+    if not command.exists():
+        raise SystemExit(f"{command} is missing: run scripts/install.sh")
     compileall.compile_dir(Path(nubis.__file__).parent, quiet=1)
     build_nubis()
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +70,7 @@ def main() -> int:
         kernel.write_bytes(build_pvh_elf(reset_code(MESSAGE)))
         mem = args.memory_mib
         nubis_argv = [
-            sys.executable, "-m", "nubis", "--kernel", str(kernel), "--memory", f"size={mem}M",
+            str(command), "--kernel", str(kernel), "--memory", f"size={mem}M",
             "--no-reboot", "--serial", "tty", "--rng", "off",
         ]  # fmt: skip
         # -cpu qemu64: QEMU's default model on a PVM host asks for MSRs it cannot set.
