@@ -18,7 +18,7 @@ import pytest
 
 from nubis.memory import GuestMemory
 from nubis.virtio.block import (
-    ASYNC_DIRECT_IO_FILESYSTEMS,
+    ASYNC_DIRECT_IO_FSTYPES,
     CONFIG,
     DISCARD_SEGMENT,
     MAX_DISCARD_SEGMENTS,
@@ -39,6 +39,7 @@ from nubis.virtio.block import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     Block,
     has_async_direct_io,
+    mount_fstype,
 )
 from nubis.virtio.device import (
     VIRTIO_F_RING_EVENT_IDX,
@@ -490,14 +491,15 @@ def test_native_aio_is_chosen_by_the_file_system(direct_dir: Path, tmp_path: Pat
             os.unlink(probe.name)
     disk = direct_dir / "disk.img"
     disk.write_bytes(bytes(1 << 16))
-    # stat(1) names the file system's magic number independently of nubis's fstatfs.
-    magic = int(
-        subprocess.run(
-            ["stat", "-f", "-c", "%t", str(disk)], capture_output=True, text=True, check=True
-        ).stdout,
-        16,
-    )
-    async_here = magic in ASYNC_DIRECT_IO_FILESYSTEMS
+    # findmnt(8) names the mount's type, which nubis reads from /proc/self/mountinfo first.
+    fstype = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(disk)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert mount_fstype(disk.stat().st_dev) == fstype
+    async_here = fstype in ASYNC_DIRECT_IO_FSTYPES
     fd = os.open(disk, os.O_RDONLY)
     try:
         assert has_async_direct_io(fd) == async_here

@@ -20,7 +20,7 @@ parses and checks the request (header, type, range, read-only) and either answer
 
 Native AIO (direct disks, as QEMU's ``aio=native``). A disk opened with ``direct`` on a block
 device or on a local filesystem whose O_DIRECT I/O Linux runs asynchronously (ext4, XFS, btrfs,
-F2FS: `ASYNC_DIRECT_IO_FILESYSTEMS`) moves its data with Linux native AIO
+F2FS: `ASYNC_DIRECT_IO_FSTYPES`, read from the mount table) moves its data with Linux native AIO
 (:mod:`nubis.virtio.aio`) and no helper thread at all. On other filesystems (9p, NFS, FUSE,
 overlayfs) ``io_submit`` performs each request before it returns, so one worker would run them
 one at a time: those direct disks keep the thread pool, which overlaps them (measured in the
@@ -199,11 +199,40 @@ _STATFS_SIZE = 120  # struct statfs on x86_64; f_type, a long, comes first
 ASYNC_DIRECT_IO_FILESYSTEMS: Final = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010})
 
 
+ASYNC_DIRECT_IO_FSTYPES: Final = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
+
+
+def mount_fstype(device: int) -> str | None:
+    """The filesystem type /proc/self/mountinfo gives the mount of device ``device``."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == wanted and "-" in fields[3:]:
+                    separator = fields.index("-", 3)
+                    if separator + 1 < len(fields):
+                        return fields[separator + 1]
+    except OSError:
+        return None
+    return None
+
+
 def has_async_direct_io(fd: int) -> bool:
     """Whether native AIO on ``fd`` (opened O_DIRECT) is asynchronous: a block device, or a
-    file on one of `ASYNC_DIRECT_IO_FILESYSTEMS`."""
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
+    file on one of `ASYNC_DIRECT_IO_FSTYPES`.
+
+    The mount's type comes first: a 9p (or other network) mount reports its server's
+    filesystem magic through statfs (ext4 for a 9p share of an ext4 directory), while its
+    io_submit is synchronous all the same. The statfs magic is the answer only when the
+    mount cannot be found.
+    """
+    status = os.fstat(fd)
+    if stat.S_ISBLK(status.st_mode):
         return True
+    fstype = mount_fstype(status.st_dev)
+    if fstype is not None:
+        return fstype in ASYNC_DIRECT_IO_FSTYPES
     buffer = ctypes.create_string_buffer(_STATFS_SIZE)
     if _fstatfs(fd, buffer) != 0:
         return False
@@ -436,7 +465,7 @@ class Block(QueueDevice):
     ``io_threads`` is how many reads and writes may be in flight at once on the thread pool.
     A direct disk moves its data with Linux native AIO instead, up to ``queue_size`` requests
     in flight, where that is asynchronous (``native_aio=None``, the default: a block device
-    or a file on a filesystem of `ASYNC_DIRECT_IO_FILESYSTEMS`); ``native_aio=True`` uses it
+    or a file on a filesystem of `ASYNC_DIRECT_IO_FSTYPES`); ``native_aio=True`` uses it
     on any direct disk, ``False`` never. The I/O threads take over if the kernel refuses an
     AIO context.
     """
