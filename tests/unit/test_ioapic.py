@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nubis.arch.x86_64 import layout
 from nubis.devices.ioapic import (
-    IOAPIC_MMIO_SIZE,
     RTE_MASKED,
     IoApic,
     MsiMessage,
@@ -111,7 +111,7 @@ def test_registers_past_the_last_entry_are_ignored() -> None:
     st.lists(
         st.tuples(
             st.booleans(),
-            st.integers(0, IOAPIC_MMIO_SIZE - 1),
+            st.integers(0, layout.IOAPIC_SIZE - 1),
             st.sampled_from([1, 2, 4, 8]),
             st.integers(0, (1 << 64) - 1),
         ),

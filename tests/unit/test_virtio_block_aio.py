@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from block_rig import BlockRig
 
 from nubis.memory import GuestMemory
 from nubis.virtio import aio
@@ -34,7 +35,7 @@ from nubis.virtio.block import (
     Block,
 )
 from nubis.virtio.device import InterruptKind
-from nubis.virtio.mock import MockChain, MockDriver
+from nubis.virtio.mock import MockDriver
 
 DISK_SECTORS = 4096  # 2 MiB
 CONTENTS = b"".join(i.to_bytes(4, "little") * 128 for i in range(DISK_SECTORS))
@@ -141,36 +142,12 @@ def memory() -> Iterator[GuestMemory]:
     mem.close()
 
 
-class Rig:
-    def __init__(self, block: Block, memory: GuestMemory) -> None:
-        self.block = block
-        self.memory = memory
-        self.driver = MockDriver(block, memory)
-        self.mock = self.driver.queues[0]
-
-    def add(self, kind: int, sector: int = 0, data: bytes = b"", read_len: int = 0) -> MockChain:
-        header = REQUEST_HEADER.pack(kind, 0, sector)
-        readable = [header, data] if data else [header]
-        writable = [read_len, 1] if read_len else [1]
-        return self.mock.add_chain(readable, writable, alignment=4096)
+class Rig(BlockRig):
+    alignment = 4096  # O_DIRECT: buffers the kernel can use as they are
 
     def activate(self) -> None:
         self.driver.activate()
         assert self.block.uses_native_aio
-
-    def status(self, chain: MockChain) -> int:
-        return self.memory.read(chain.writable[-1][0], 1)[0]
-
-    def data(self, chain: MockChain) -> bytes:
-        return self.mock.read_buffers(chain.writable[:-1])
-
-    def kick_completions(self) -> None:
-        """Wake the worker for completions the fake held back (the kernel signalled them)."""
-        os.eventfd_write(self.block._done_fd, 1)
-
-    def close(self) -> None:
-        self.block.shutdown()
-        self.driver.close()
 
 
 @pytest.fixture

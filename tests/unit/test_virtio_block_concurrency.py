@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from block_rig import BlockRig
 
 from nubis.memory import GuestMemory
 from nubis.virtio.block import (
@@ -29,8 +30,6 @@ from nubis.virtio.block import (
     Block,
     coalesce,
 )
-from nubis.virtio.device import InterruptKind
-from nubis.virtio.mock import MockChain, MockDriver
 
 DISK_SECTORS = 2048
 CONTENTS = bytes(range(256)) * (DISK_SECTORS * 2)
@@ -84,28 +83,7 @@ def memory() -> Iterator[GuestMemory]:
     mem.close()
 
 
-class Rig:
-    def __init__(self, block: Block, memory: GuestMemory) -> None:
-        self.block = block
-        self.memory = memory
-        self.driver = MockDriver(block, memory)
-        self.mock = self.driver.queues[0]
-
-    def add(self, kind: int, sector: int = 0, data: bytes = b"", read_len: int = 0) -> MockChain:
-        header = REQUEST_HEADER.pack(kind, 0, sector)
-        readable = [header, data] if data else [header]
-        writable = [read_len, 1] if read_len else [1]
-        return self.mock.add_chain(readable, writable)
-
-    def status(self, chain: MockChain) -> int:
-        return self.memory.read(chain.writable[-1][0], 1)[0]
-
-    def queue_interrupts(self) -> int:
-        return self.driver.interrupt.events.count((InterruptKind.QUEUE, 0))
-
-    def close(self) -> None:
-        self.block.shutdown()
-        self.driver.close()
+Rig = BlockRig
 
 
 @pytest.fixture

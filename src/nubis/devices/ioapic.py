@@ -37,13 +37,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
-__all__ = ["IOAPIC_MMIO_SIZE", "IOAPIC_VERSION", "IoApic", "MsiMessage", "redirection_to_msi"]
+__all__ = ["IOAPIC_VERSION", "IoApic", "MsiMessage", "redirection_to_msi"]
 
 IOAPIC_VERSION: Final = 0x20
-IOAPIC_MMIO_SIZE: Final = 0x100
 REG_SELECT: Final = 0x00
 REG_WINDOW: Final = 0x10
-REG_EOI: Final = 0x40
 INDEX_ID: Final = 0x00
 INDEX_VERSION: Final = 0x01
 INDEX_ARBITRATION: Final = 0x02
@@ -100,7 +98,6 @@ class IoApic:
         self._id = ioapic_id & 0xF
         self._select = 0
         self.entries = [RTE_MASKED] * num_pins
-        self._routed: list[MsiMessage | None] = [None] * num_pins
 
     @property
     def num_pins(self) -> int:
@@ -109,7 +106,7 @@ class IoApic:
 
     def message(self, pin: int) -> MsiMessage | None:
         """The MSI message pin ``pin`` delivers now, or None while it is masked."""
-        return self._routed[pin]
+        return _message(self.entries[pin])
 
     # --- the bus device protocol ---------------------------------------------------------
 
@@ -159,7 +156,10 @@ class IoApic:
             new = (old & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF)
         new = (old & ~_RTE_WRITABLE) | (new & _RTE_WRITABLE)
         self.entries[pin] = new
-        message = None if new & RTE_MASKED else redirection_to_msi(new)
-        if message != self._routed[pin]:
-            self._routed[pin] = message
+        message = _message(new)
+        if message != _message(old):
             self._route(pin, message)
+
+
+def _message(entry: int) -> MsiMessage | None:
+    return None if entry & RTE_MASKED else redirection_to_msi(entry)

@@ -54,8 +54,8 @@ aligns its buffers, so this is the exception.
 
 The I/O thread pool (buffered disks, where ``io_submit`` would block just the same; direct
 disks on filesystems without asynchronous direct I/O, and when the kernel refuses an AIO
-context, e.g. without CONFIG_AIO or with ``fs.aio-max-nr`` exhausted). ``io_threads`` threads (16 by default) run ``preadv``/``pwritev``,
-which release the GIL:
+context, e.g. without CONFIG_AIO or with ``fs.aio-max-nr`` exhausted). ``io_threads`` threads
+(16 by default) run ``preadv``/``pwritev``, which release the GIL:
 
 * an I/O thread only slices guest memory at addresses the queue already checked, moves the
   bytes, releases its views and appends the finished request to a deque; it writes the eventfd
@@ -187,18 +187,10 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
-_fstatfs = _libc.fstatfs
-_fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
-_fstatfs.restype = ctypes.c_int
-_STATFS_SIZE = 120  # struct statfs on x86_64; f_type, a long, comes first
-
 # Filesystems whose O_DIRECT reads and writes Linux runs asynchronously under io_submit (their
-# direct I/O goes through iomap or the block layer's own path): ext2/3/4, XFS, btrfs, F2FS.
-# Elsewhere (9p, NFS, FUSE, overlayfs, tmpfs...) io_submit does the I/O before it returns, so
-# one worker would serialise what the I/O threads overlap.
-ASYNC_DIRECT_IO_FILESYSTEMS: Final = frozenset({0xEF53, 0x58465342, 0x9123683E, 0xF2F52010})
-
-
+# direct I/O goes through iomap or the block layer's own path). Elsewhere (9p, NFS, FUSE,
+# overlayfs, tmpfs...) io_submit does the I/O before it returns, so one worker would serialise
+# what the I/O threads overlap.
 ASYNC_DIRECT_IO_FSTYPES: Final = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs"})
 
 
@@ -220,23 +212,16 @@ def mount_fstype(device: int) -> str | None:
 
 def has_async_direct_io(fd: int) -> bool:
     """Whether native AIO on ``fd`` (opened O_DIRECT) is asynchronous: a block device, or a
-    file on one of `ASYNC_DIRECT_IO_FSTYPES`.
+    file on a mount of one of `ASYNC_DIRECT_IO_FSTYPES`.
 
-    The mount's type comes first: a 9p (or other network) mount reports its server's
-    filesystem magic through statfs (ext4 for a 9p share of an ext4 directory), while its
-    io_submit is synchronous all the same. The statfs magic is the answer only when the
-    mount cannot be found.
+    The mount's type is what counts, not statfs: a 9p (or other network) mount reports its
+    server's filesystem magic (ext4 for a 9p share of an ext4 directory), while its io_submit
+    is synchronous all the same. A mount that cannot be found gets the I/O threads.
     """
     status = os.fstat(fd)
     if stat.S_ISBLK(status.st_mode):
         return True
-    fstype = mount_fstype(status.st_dev)
-    if fstype is not None:
-        return fstype in ASYNC_DIRECT_IO_FSTYPES
-    buffer = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _fstatfs(fd, buffer) != 0:
-        return False
-    return int.from_bytes(buffer.raw[:8], "little") & 0xFFFF_FFFF in ASYNC_DIRECT_IO_FILESYSTEMS
+    return mount_fstype(status.st_dev) in ASYNC_DIRECT_IO_FSTYPES
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -430,10 +415,8 @@ class _NativeAio:
                     free.append(slot)
                     if returned is not None:
                         pending.appendleft(returned)
-            if taken == count:
-                continue
             if error is None:
-                continue  # taken short: the next round submits the rest or learns why not
+                continue  # all taken, or taken short: the next round submits the rest
             if error.errno == errno.EAGAIN and self.submitted:
                 break  # a completion frees room; the worker resubmits then
             refused.append((pending.popleft(), error))
@@ -900,14 +883,20 @@ class Block(QueueDevice):
         assert aio is not None
         while refused := aio.submit_pending(memory):
             for request, exc in refused:
-                if exc.errno == errno.EINVAL and request.fd == self._direct_fd:
-                    # The backing wants stricter O_DIRECT alignment than assumed.
-                    request.fd = self._fd
+                if self._retry_buffered(request, exc.errno):
                     aio.pending.append(request)
                     continue
                 self._log_io_error(exc)
                 request.status = VIRTIO_BLK_S_IOERR
                 self._done.append(request)
+
+    def _retry_buffered(self, request: _IoRequest, error: int | None) -> bool:
+        """EINVAL on the O_DIRECT descriptor means the backing wants stricter alignment than
+        assumed: move ``request`` to the buffered descriptor (True) to be submitted again."""
+        if error == errno.EINVAL and request.fd == self._direct_fd:
+            request.fd = self._fd
+            return True
+        return False
 
     def _aio_collect(self, memory: GuestMemory | None) -> None:
         """Settle the kernel's completions into _done, or back into pending for the rest of a
@@ -924,10 +913,7 @@ class Block(QueueDevice):
                     done.append(request)
                     continue
             elif result < 0:
-                if result == -errno.EINVAL and request.fd == self._direct_fd:
-                    # The backing wants stricter O_DIRECT alignment than assumed.
-                    request.fd = self._fd
-                else:
+                if not self._retry_buffered(request, -result):
                     self._log_io_error(OSError(-result, os.strerror(-result)))
                     request.status = VIRTIO_BLK_S_IOERR
                     done.append(request)

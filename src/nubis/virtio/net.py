@@ -173,11 +173,14 @@ class _RxStash:
         self.views: list[memoryview] = []
         self.capacity = 0
 
-    def drop(self, chains: int, capacity: int) -> None:
-        """Forget the first ``chains`` chains, which could take ``capacity`` bytes together."""
-        counts = self.view_counts
-        views = counts[0] if chains == 1 else sum(counts[:chains])
-        del self.heads[:chains], self.capacities[:chains], counts[:chains], self.views[:views]
+    def drop(self, chains: int) -> None:
+        """Forget the first ``chains`` chains."""
+        counts, capacities = self.view_counts, self.capacities
+        if chains == 1:
+            views, capacity = counts[0], capacities[0]
+        else:
+            views, capacity = sum(counts[:chains]), sum(capacities[:chains])
+        del self.heads[:chains], capacities[:chains], counts[:chains], self.views[:views]
         self.capacity -= capacity
 
     def clear(self) -> None:
@@ -637,7 +640,7 @@ class Net(QueueDevice):
                 else:
                     _put_u16(views, NUM_BUFFERS_OFFSET, chains)
                 publish_used(memory)
-                stash.drop(chains, capacities[0] if chains == 1 else sum(capacities[:chains]))
+                stash.drop(chains)
                 frames += 1
                 received += count - header
         finally:
