@@ -230,6 +230,10 @@ def test_oversized_body_is_413(socket_dir: str, vmm: FakeVmm) -> None:
     with ApiServer(os.path.join(socket_dir, "api.sock"), vmm, max_body=1024) as api:
         status, body, _ = request(api, "PUT", "vm.create", b" " * 1025)
         assert_error(status, body, 413)
+        # A body larger than the socket's buffers: the client is still sending when the
+        # server answers, and must get the answer rather than a broken pipe.
+        status, body, _ = request(api, "PUT", "vm.create", b" " * (2 << 20))
+        assert_error(status, body, 413)
         answer = raw_exchange(
             api,
             b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -60,6 +60,12 @@ MAX_BODY: Final = 256 << 10
 """Largest request body accepted (a VmConfig is a few KiB at most)."""
 IDLE_TIMEOUT: Final = 60.0
 """Seconds a connection may sit idle or stall mid-request before it is closed."""
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 4 << 20
+"""After refusing a request, how long and how much of its unread body is read and dropped.
+
+Closing a socket with unread data resets it, and a client still sending its body would see
+a broken pipe instead of the answer."""
 MAX_CONNECTIONS: Final = 64
 """Connections served at once; more are closed as soon as they are accepted."""
 SERVER_NAME: Final = f"nubis/{__version__}"
@@ -359,6 +365,7 @@ class ApiServer:
             except HttpError as error:
                 answer = Response.error(error.status, str(error))
                 conn.sendall(answer.encode(close=True, server=SERVER_NAME))
+                _linger_close(conn)
                 return
             answer = self.dispatch(request)
             close = not request.keep_alive or self._stopping
@@ -397,3 +404,19 @@ class ApiServer:
             )
         log.debug("API %s %s -> %d", request.method, request.path, answer.status.value)
         return answer
+
+
+def _linger_close(conn: socket.socket) -> None:
+    """End the answer, then read and drop what the client still sends, within bounds.
+
+    The client reads the answer once it has sent its body; it then closes, which ends this.
+    """
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(LINGER_SECONDS)
+        drained = 0
+        while drained < LINGER_BYTES:
+            data = conn.recv(65536)
+            if not data:
+                break
+            drained += len(data)
