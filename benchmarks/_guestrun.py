@@ -63,6 +63,40 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User plus system time so far of process ``pid``'s threads, summed by thread kind.
+
+    A thread's kind is its kernel name with digits replaced by ``#`` (``vcpu0`` and ``vcpu1``
+    are ``vcpu#``; QEMU's ``CPU 0/KVM`` is ``CPU #/KVM``). Threads that ended are not counted.
+    """
+    kinds: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kinds
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        kind = "".join("#" if c.isdigit() else c for c in name)
+        kind = kind.replace("##", "#").replace("##", "#")
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        kinds[kind] = kinds.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return kinds
+
+
+def _thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {
+        kind: round(seconds - before.get(kind, 0.0), 2)
+        for kind, seconds in sorted(after.items(), key=lambda item: -item[1])
+        if seconds - before.get(kind, 0.0) > 0
+    }
+
+
 class Killer:
     """Kills a process that outlives its timeout (so a hung guest cannot stall a benchmark)."""
 
@@ -93,6 +127,7 @@ class GuestRun:
     wall_s: float = 0.0
     process_cpu_s: float = 0.0
     job_cpu_s: dict[str, float] = field(default_factory=dict)
+    job_thread_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
     job_status: dict[str, int] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -113,15 +148,20 @@ def run_vmm(argv: list[str], timeout: float) -> GuestRun:
     killer = Killer(proc, timeout)
     lines: list[str] = []
     cpu_start: dict[str, float | None] = {}
+    threads_start: dict[str, dict[str, float]] = {}
     for raw in iter(proc.stdout.readline, b""):
         line = raw.decode(errors="replace").rstrip("\r\n")
         words = line.split()
         if words[:1] == ["BENCH-JOB-START"] and len(words) == 2:
             cpu_start[words[1]] = process_cpu_seconds(proc.pid)
+            threads_start[words[1]] = thread_cpu_seconds(proc.pid)
         elif words[:1] == ["BENCH-JOB-END"] and len(words) == 3:
             before, after = cpu_start.get(words[1]), process_cpu_seconds(proc.pid)
             if before is not None and after is not None:
                 run.job_cpu_s[words[1]] = after - before
+                run.job_thread_cpu_s[words[1]] = _thread_delta(
+                    threads_start.get(words[1], {}), thread_cpu_seconds(proc.pid)
+                )
             run.job_status[words[1]] = int(words[2]) if words[2].isdigit() else -1
         elif words[:1] == ["BENCH-JSON"] and len(words) == 3:
             try:

@@ -169,6 +169,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
             "mib": stats["io_kbytes"] / 1024,
             "runtime_s": stats["runtime"] / 1000,
             "cpu_s": run.job_cpu_s.get(name, math.nan),
+            "threads": run.job_thread_cpu_s.get(name, {}),
         }
     if run.problems:
         return None
@@ -178,7 +179,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
 def _describe(result: dict[str, Any]) -> str:
     return ", ".join(
         f"{job} {m['value']:.1f} ({m['cpu_s']:.2f} s CPU for {m['mib']:.0f} MiB "
-        f"in {m['runtime_s']:.1f} s)"
+        f"in {m['runtime_s']:.1f} s; by thread {m['threads']})"
         for job, m in result["jobs"].items()
     )
 
@@ -232,6 +233,9 @@ def report(
             "cpu_s": {
                 vmm: [round(r["jobs"][name]["cpu_s"], 2) for r in runs]
                 for vmm, runs in samples.items()
+            },
+            "thread_cpu_s": {
+                vmm: [r["jobs"][name]["threads"] for r in runs] for vmm, runs in samples.items()
             },
             **common,
             "nubis_failure": failures.get("nubis"),

@@ -135,6 +135,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
             "gib": gib,
             "seconds": received["seconds"],
             "cpu_s": cpu,
+            "threads": run.job_thread_cpu_s.get(name, {}),
             "retransmits": report["end"].get("sum_sent", {}).get("retransmits", -1),
         }
     if run.problems:
@@ -149,7 +150,7 @@ def _ip(*args: str) -> None:
 def _describe(result: dict[str, Any]) -> str:
     return ", ".join(
         f"{job} {m['value']:.2f} MiB/s ({m['cpu_s']:.2f} s CPU for {m['gib'] * 1024:.0f} MiB, "
-        f"{m['retransmits']} retransmits)"
+        f"{m['retransmits']} retransmits; by thread {m['threads']})"
         for job, m in result["jobs"].items()
     )
 
@@ -204,6 +205,9 @@ def report(
             samples={
                 vmm: [round(r["jobs"][name]["value"], 2) for r in runs]
                 for vmm, runs in samples.items()
+            },
+            thread_cpu_s={
+                vmm: [r["jobs"][name]["threads"] for r in runs] for vmm, runs in samples.items()
             },
             retransmits={
                 vmm: [r["jobs"][name]["retransmits"] for r in runs] for vmm, runs in samples.items()

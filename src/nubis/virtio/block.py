@@ -90,6 +90,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nubis._log import getLogger
+from nubis._thread import name_os_thread
 from nubis.virtio.aio import (
     IO_EVENT,
     IOCB,
@@ -945,6 +946,7 @@ class Block(QueueDevice):
     # --- the I/O threads ----------------------------------------------------------------------
 
     def _io_loop(self) -> None:
+        name_os_thread()
         jobs, done, done_fd = self._jobs, self._done, self._done_fd
         while (request := jobs.get()) is not None:
             try:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from nubis._log import getLogger
+from nubis._thread import name_os_thread
 from nubis.virtio.device import ActivatedQueue, InterruptKind, VirtioInterrupt
 from nubis.virtio.queue import DescriptorChain, QueueError
 
@@ -102,6 +103,7 @@ class Worker:
             os.close(self._stop_fd)
 
     def _run(self) -> None:
+        name_os_thread()
         try:
             if self._on_start is not None:
                 self._on_start()

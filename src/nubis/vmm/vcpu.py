@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 from nubis._enum import Enum, IntEnum
 from nubis._frozen import Frozen
+from nubis._thread import name_os_thread
 from nubis._typing import Protocol
 from nubis.kvm import KvmError, SystemEventType, VcpuFd
 from nubis.kvm.bindings import ExitReason, InternalErrorSuberror
@@ -312,6 +313,7 @@ class Vcpu:
                 self._cond.wait()
 
     def _thread_main(self) -> None:
+        name_os_thread()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
         event: VcpuEvent | None = None
         try:
