@@ -31,13 +31,14 @@ CONSOLE_TAIL_LINES = 25
 #: The start of both VMMs' command lines for a guest with the read-only root disk: the same
 #: kernel, initramfs, command line, 2 vCPUs and 256 MiB; console on standard output, a reset ends
 #: the VMM. QEMU runs microvm with a PCIe host bridge, so the guest's drivers are virtio-pci as
-#: with nubis. Placeholders: ``{kernel}``, ``{initramfs}``, ``{cmdline}``, ``{rootfs}``,
+#: with nubis, and names its threads (``debug-threads``) so CPU time can be told apart by thread
+#: as with nubis. Placeholders: ``{kernel}``, ``{initramfs}``, ``{cmdline}``, ``{rootfs}``,
 #: ``{bindir}`` (the virtual environment's bin directory).
 QEMU_ROOT_DISK_ARGV: tuple[str, ...] = (
     "qemu-system-x86_64", "-M", "microvm,pcie=on", "-enable-kvm", "-cpu", "host",
     "-smp", "2", "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
     "-serial", "stdio", "-kernel", "{kernel}", "-initrd", "{initramfs}",
-    "-append", "{cmdline}", "-no-reboot",
+    "-append", "{cmdline}", "-no-reboot", "-name", "reference,debug-threads=on",
     "-drive", "if=none,id=root,file={rootfs},format=raw,readonly=on",
     "-device", "virtio-blk-pci,drive=root,num-queues=1",
 )  # fmt: skip
@@ -64,7 +65,9 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """User plus system time so far of process ``pid``'s threads, summed by thread kind.
+    """User and system time so far of process ``pid``'s threads, summed by thread kind.
+
+    Keys are ``KIND user`` and ``KIND sys``. For a vCPU thread, time in the guest counts as user.
 
     A thread's kind is its kernel name with digits replaced by ``#`` (``vcpu0`` and ``vcpu1``
     are ``vcpu#``; QEMU's ``CPU 0/KVM`` is ``CPU #/KVM``). Threads that ended are not counted.
@@ -85,7 +88,9 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         kind = "".join("#" if c.isdigit() else c for c in name)
         kind = kind.replace("##", "#").replace("##", "#")
         fields = stat[stat.rindex(b")") + 2 :].split()
-        kinds[kind] = kinds.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        for part, ticks in (("user", fields[11]), ("sys", fields[12])):
+            key = f"{kind} {part}"
+            kinds[key] = kinds.get(key, 0.0) + int(ticks) / tick
     return kinds
 
 
