@@ -178,8 +178,9 @@ sys.exit(code if code >= 0 else 128 - code)
 
 # Shell functions for the guest. nic MAC NAME ADDR: find the interface with this MAC, print
 # "NAME=ifname", give it ADDR (a /24) and bring it up, then wait up to 10 s for its carrier.
-# carrier NAME IFACE WANT SECONDS: wait for IFACE's carrier to read WANT and print
-# "NAME-carrier=... operstate=... waited=TENTHS".
+# carrier NAME IFACE WANT SECONDS: wait for IFACE's carrier to read WANT (1 or 0) and its
+# operstate to follow ("up" or "down": the kernel updates it after the carrier, asynchronously,
+# up to a second later), then print "NAME-carrier=... operstate=... waited=TENTHS".
 GUEST_FUNCTIONS = r"""
 nic() {
   for d in /sys/class/net/*; do
@@ -192,8 +193,9 @@ nic() {
   echo "$2=missing"; ls /sys/class/net; exit 97
 }
 carrier() {
-  n=0
-  while [ "$(cat /sys/class/net/$2/carrier 2>/dev/null)" != "$3" ] && [ $n -lt $(($4 * 10)) ]
+  n=0; s=down; [ "$3" = 1 ] && s=up
+  while { [ "$(cat /sys/class/net/$2/carrier 2>/dev/null)" != "$3" ] ||
+          [ "$(cat /sys/class/net/$2/operstate)" != "$s" ]; } && [ $n -lt $(($4 * 10)) ]
   do usleep 100000; n=$((n + 1)); done
   echo "$1-carrier=$(cat /sys/class/net/$2/carrier) operstate=$(cat /sys/class/net/$2/operstate)\
  waited=$n"
