@@ -53,6 +53,18 @@ LEAF_EXTENDED_TOPOLOGY_V2: Final = 0x1F
 LEAF_HYPERVISOR_SIGNATURE: Final = 0x4000_0000
 LEAF_KVM_FEATURES: Final = 0x4000_0001
 LEAF_EXTENDED_FEATURES: Final = 0x8000_0001
+# KVM paravirtual features (leaf 0x4000_0001 EAX, Documentation/virt/kvm/x86/cpuid.rst) that
+# nubis withholds: asynchronous page faults, which let the host tell the guest "this page is
+# not present yet, run something else". In the nested test host, guests offered them
+# triple-faulted within seconds once L1 migrated or split guest pages (forced compaction),
+# and survived the same load with the kernel's ``no-kvmapf``. Without them a vCPU simply
+# waits while the host brings the page in.
+KVM_FEATURE_ASYNC_PF: Final = 1 << 4
+KVM_FEATURE_ASYNC_PF_VMEXIT: Final = 1 << 10
+KVM_FEATURE_ASYNC_PF_INT: Final = 1 << 14
+KVM_FEATURES_WITHHELD: Final = (
+    KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT
+)
 LEAF_SVM: Final = 0x8000_000A
 LEAF_ADVANCED_POWER_MANAGEMENT: Final = 0x8000_0007
 LEAF_ADDRESS_SIZES: Final = 0x8000_0008
@@ -200,6 +212,8 @@ def _adjust(
     if f == LEAF_HYPERVISOR_SIGNATURE:
         ebx, ecx, edx = _signature_registers()
         return replace(e, eax=max(e.eax, LEAF_KVM_FEATURES), ebx=ebx, ecx=ecx, edx=edx)
+    if f == LEAF_KVM_FEATURES:
+        return replace(e, eax=e.eax & ~KVM_FEATURES_WITHHELD)
     if f == LEAF_EXTENDED_FEATURES:
         return replace(e, ecx=e.ecx & ~ECX_SVM)
     if f == LEAF_SVM:
