@@ -17,6 +17,7 @@ import gzip
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,45 +53,48 @@ NUBIS_ROOT_DISK_ARGV: tuple[str, ...] = (
 GUEST_REPORT_FUNCTION = "report() { echo BENCH-JSON $1 $(gzip -c $2 | base64 | tr -d '\\n'); }\n"
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User plus system time of every thread of process ``pid`` so far, from /proc."""
+def _stat_times(path: str) -> tuple[str, float, float] | None:
+    """The command name, user and system seconds of a proc(5) ``stat`` file, or None."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
+    end = stat.rindex(b")")
+    fields = stat[end + 2 :].split()
     # Fields 14 and 15 of proc(5), counted from the state (field 3) after the command name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    name = stat[stat.index(b"(") + 1 : end].decode(errors="replace")
+    return name, int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system time of every thread of process ``pid`` so far, from /proc."""
+    times = _stat_times(f"/proc/{pid}/stat")
+    return None if times is None else times[1] + times[2]
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User and system time so far of process ``pid``'s threads, summed by thread kind.
 
     Keys are ``KIND user`` and ``KIND sys``. For a vCPU thread, time in the guest counts as user.
-
-    A thread's kind is its kernel name with digits replaced by ``#`` (``vcpu0`` and ``vcpu1``
-    are ``vcpu#``; QEMU's ``CPU 0/KVM`` is ``CPU #/KVM``). Threads that ended are not counted.
+    A thread's kind is its kernel name with each run of digits replaced by ``#`` (``vcpu0`` and
+    ``vcpu1`` are ``vcpu#``; QEMU's ``CPU 0/KVM`` is ``CPU #/KVM``). Threads that ended are not
+    counted.
     """
     kinds: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return kinds
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        times = _stat_times(f"/proc/{pid}/task/{tid}/stat")
+        if times is None:
             continue
-        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
-        kind = "".join("#" if c.isdigit() else c for c in name)
-        kind = kind.replace("##", "#").replace("##", "#")
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        for part, ticks in (("user", fields[11]), ("sys", fields[12])):
-            key = f"{kind} {part}"
-            kinds[key] = kinds.get(key, 0.0) + int(ticks) / tick
+        name, user, system = times
+        kind = re.sub(r"\d+", "#", name)
+        for key, seconds in ((f"{kind} user", user), (f"{kind} sys", system)):
+            kinds[key] = kinds.get(key, 0.0) + seconds
     return kinds
 
 

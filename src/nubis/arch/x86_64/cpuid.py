@@ -53,6 +53,12 @@ LEAF_EXTENDED_TOPOLOGY_V2: Final = 0x1F
 LEAF_HYPERVISOR_SIGNATURE: Final = 0x4000_0000
 LEAF_KVM_FEATURES: Final = 0x4000_0001
 LEAF_EXTENDED_FEATURES: Final = 0x8000_0001
+LEAF_SVM: Final = 0x8000_000A
+LEAF_ADVANCED_POWER_MANAGEMENT: Final = 0x8000_0007
+LEAF_ADDRESS_SIZES: Final = 0x8000_0008
+LEAF_AMD_CACHE_TOPOLOGY: Final = 0x8000_001D
+LEAF_AMD_TOPOLOGY: Final = 0x8000_001E
+
 # KVM paravirtual features (leaf 0x4000_0001 EAX, Documentation/virt/kvm/x86/cpuid.rst) that
 # nubis withholds: asynchronous page faults, which let the host tell the guest "this page is
 # not present yet, run something else". In the nested test host, guests offered them
@@ -65,11 +71,6 @@ KVM_FEATURE_ASYNC_PF_INT: Final = 1 << 14
 KVM_FEATURES_WITHHELD: Final = (
     KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT
 )
-LEAF_SVM: Final = 0x8000_000A
-LEAF_ADVANCED_POWER_MANAGEMENT: Final = 0x8000_0007
-LEAF_ADDRESS_SIZES: Final = 0x8000_0008
-LEAF_AMD_CACHE_TOPOLOGY: Final = 0x8000_001D
-LEAF_AMD_TOPOLOGY: Final = 0x8000_001E
 
 # Leaf 1.
 EBX_CLFLUSH_MASK: Final = 0x0000_FF00
