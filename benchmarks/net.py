@@ -24,7 +24,10 @@ the host address and the iperf3 server on it; each VMM attaches to it in turn:
 Same kernel, initramfs, root disk, 2 vCPUs and 256 MiB; ``--runs`` runs of each VMM, interleaved
 with the order alternating, and medians compared. CPU cost: the VMM process's user and system
 time (every thread, the guest's vCPUs included, as for any KVM VMM) over each job's window,
-per GiB moved: ``*_cpu_s_per_gib``.
+per GiB moved: ``*_cpu_s_per_gib``. The guest's NIC counters (``/sys/class/net/*/statistics``)
+give the mean size of the frames it received and sent in each job, ``guest_frame_bytes``
+([received, sent] per run): with TSO and GSO a frame can be a 64 KiB train of segments, and the
+sizes tell how many frames, so how many per-frame costs, a GiB took with each VMM.
 
 Targets: both ratios (nubis / QEMU) >= 1.0.
 
@@ -98,12 +101,16 @@ ip addr add {guest}/24 dev $i && ip link set $i up
 n=0; while [ "$(cat /sys/class/net/$i/carrier)" != 1 ] && [ $n -lt 100 ]; do
 usleep 100000; n=$((n+1)); done
 ping -c 3 -W 5 {host} >/dev/null || echo BENCH-NO-PING
+nic() {{ for f in rx_packets rx_bytes tx_packets tx_bytes; do
+cat /sys/class/net/$i/statistics/$f; done | tr '\\n' , | sed 's/,$//'; }}
 j() {{
-n=$1; shift; echo BENCH-JOB-START $n
+n=$1; shift; a=$(nic); echo BENCH-JOB-START $n
 iperf3 -c {host} -t {runtime} -J "$@" >/tmp/$n.json 2>/tmp/$n.err
 s=$?; echo BENCH-JOB-END $n $s
 [ $s = 0 ] || {{ tail -5 /tmp/$n.err; head -c 3000 /tmp/$n.json; exit $s; }}
 report $n /tmp/$n.json
+echo "{{\\"before\\": [$a], \\"after\\": [$(nic)]}}" >/tmp/$n.nic
+report $n.nic /tmp/$n.nic
 }}
 """
 
@@ -114,6 +121,24 @@ def guest_command(runtime: int) -> str:
         mac=MAC, guest=GUEST_IP, host=HOST_IP, runtime=runtime
     )
     return script + "".join(f"j {name} {args}\n" for name, args in JOBS)
+
+
+def _frame_sizes(nic: dict[str, list[int]] | None) -> dict[str, float]:
+    """The mean size of the frames the guest's NIC received and sent in one job, in bytes.
+
+    Counted by the guest's driver (``/sys/class/net/*/statistics``), so the same for both VMMs;
+    with the TSO and GSO offloads a frame can be a 64 KiB segment train, and the mean tells how
+    many frames, and so how many per-frame costs, a GiB took.
+    """
+    if nic is None:
+        return {}
+    rx_packets, rx_bytes, tx_packets, tx_bytes = (
+        after - before for before, after in zip(nic["before"], nic["after"], strict=True)
+    )
+    return {
+        "rx_frame_bytes": round(rx_bytes / max(rx_packets, 1)),
+        "tx_frame_bytes": round(tx_bytes / max(tx_packets, 1)),
+    }
 
 
 def measure(run: GuestRun) -> dict[str, Any] | None:
@@ -137,6 +162,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
             "cpu_s": cpu,
             "threads": run.job_thread_cpu_s.get(name, {}),
             "retransmits": report["end"].get("sum_sent", {}).get("retransmits", -1),
+            **_frame_sizes(run.reports.get(f"{name}.nic")),
         }
     if run.problems:
         return None
@@ -150,7 +176,8 @@ def _ip(*args: str) -> None:
 def _describe(result: dict[str, Any]) -> str:
     return ", ".join(
         f"{job} {m['value']:.2f} MiB/s ({m['cpu_s']:.2f} s CPU for {m['gib'] * 1024:.0f} MiB, "
-        f"{m['retransmits']} retransmits; by thread {m['threads']})"
+        f"{m['retransmits']} retransmits; mean frame rx {m.get('rx_frame_bytes')} "
+        f"tx {m.get('tx_frame_bytes')} bytes; by thread {m['threads']})"
         for job, m in result["jobs"].items()
     )
 
@@ -211,6 +238,13 @@ def report(
             },
             retransmits={
                 vmm: [r["jobs"][name]["retransmits"] for r in runs] for vmm, runs in samples.items()
+            },
+            guest_frame_bytes={
+                vmm: [
+                    [r["jobs"][name].get("rx_frame_bytes"), r["jobs"][name].get("tx_frame_bytes")]
+                    for r in runs
+                ]
+                for vmm, runs in samples.items()
             },
             **common,
             nubis_failure=failures.get("nubis"),
