@@ -18,6 +18,7 @@ from nubis.virtio.queue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
+    Descriptor,
     Queue,
     QueueError,
     avail_ring_size,
@@ -404,3 +405,20 @@ def test_stage_used_spread_fills_chains_in_order_and_publishes_on_request(
         queue.stage_used_spread(memory, [2], [10], 11)
     with pytest.raises(QueueError, match="beyond queue size"):
         queue.stage_used_spread(memory, [8], [10], 5)
+
+
+def test_a_three_entry_indirect_request_takes_the_shortcut(memory: GuestMemory) -> None:
+    mock = MockSplitQueue(memory, 8, 0)
+    queue = mock.create_queue()
+    for writable in ([4096, 1], [1]):
+        readable = [b"h" * 16] if len(writable) == 2 else [b"h" * 16, b"d" * 512]
+        sent = mock.add_chain(readable, writable, indirect=True)
+        table = Descriptor(*DESC.unpack(memory.read(mock.desc_table + DESC.size * sent.head, 16)))
+        assert table.len == 48
+        shortcut = queue._read_indirect3(memory, sent.head, table.addr)
+        assert shortcut is not None
+        chain = queue.pop_descriptor_chain(memory)
+        assert chain is not None
+        assert list(chain) == list(shortcut)
+        assert chain.readable_count == shortcut.readable_count == len(readable)
+        assert [(d.addr, d.len) for d in chain.writable()] == sent.writable

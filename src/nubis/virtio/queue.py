@@ -63,6 +63,8 @@ MAX_QUEUE_SIZE = 32768
 
 #: struct virtq_desc (2.7.5): le64 addr, le32 len, le16 flags, le16 next.
 DESC = struct.Struct("<QIHH")
+#: An indirect table of three descriptors, read at once (see `Queue._read_chain`).
+DESC3 = struct.Struct("<QIHHQIHHQIHH")
 #: The header of struct virtq_avail and of struct virtq_used: le16 flags, le16 idx.
 RING_HEADER = struct.Struct("<HH")
 #: One le16 ring slot: an available ring entry, used_event (2.7.6) or avail_event (2.7.8).
@@ -547,6 +549,15 @@ class Queue:
     def _read_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
         # The hot path of every device: locals instead of attribute look-ups, one unpack per
         # descriptor, and the Descriptor built straight from the unpacked tuple.
+        addr, length, flags, _next = DESC.unpack_from(self._desc_view, head << 4)
+        if flags == VIRTQ_DESC_F_INDIRECT and length == DESC3.size and self.size >= 3:
+            chain = self._read_indirect3(memory, head, addr)
+            if chain is not None:
+                return chain
+        return self._walk_chain(memory, head)
+
+    def _walk_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
+        """Read and check the chain at ``head``, whatever its shape (2.7.5.3, 2.7.13)."""
         size = self.size
         table = self._desc_view
         table_len = size
@@ -606,6 +617,53 @@ class Queue:
                 f"more than the queue size {size}"
             )
         return DescriptorChain(head, descriptors, readable_count)
+
+    def _read_indirect3(self, memory: GuestMemory, head: int, addr: int) -> DescriptorChain | None:
+        """The chain at ``head`` if it is the commonest request of all, else None.
+
+        Linux frames every virtio-blk read or write of one segment, and more, as an indirect
+        table of three descriptors: the header, the data and the status byte (2.7.5.3). When
+        the table and its three non-empty buffers lie in the cached memory region and the
+        descriptors link 0 to 1 to 2, readable ones first, the chain is taken with one unpack
+        and no call per descriptor. Anything else returns None, and the general walk checks it.
+        """
+        start, span, base = self._region
+        offset = addr - start
+        if offset < 0 or offset + DESC3.size > span:
+            region = memory.find_region(addr)
+            if region is None:
+                return None
+            start, span, base = self._region = (region.start, region.size, region.view)
+            offset = addr - start
+            if offset + DESC3.size > span:
+                return None
+        fields = DESC3.unpack_from(base, offset)
+        end = start + span
+        a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _n2 = fields
+        # Flags exactly NEXT, NEXT or NEXT|WRITE, then WRITE: no nested table, no readable
+        # buffer after a writable one, and the chain ends at the third descriptor.
+        if (
+            f0 != VIRTQ_DESC_F_NEXT
+            or n0 != 1
+            or f1 & ~VIRTQ_DESC_F_WRITE != VIRTQ_DESC_F_NEXT
+            or n1 != 2
+            or f2 != VIRTQ_DESC_F_WRITE
+            or not (l0 and l1 and l2)
+            or not start <= a0 <= end - l0
+            or not start <= a1 <= end - l1
+            or not start <= a2 <= end - l2
+        ):
+            return None
+        new = _new_descriptor
+        return DescriptorChain(
+            head,
+            [
+                new(Descriptor, fields[0:4]),
+                new(Descriptor, fields[4:8]),
+                new(Descriptor, fields[8:12]),
+            ],
+            1 if f1 & VIRTQ_DESC_F_WRITE else 2,
+        )
 
     def _slice_buffer(self, memory: GuestMemory, head: int, addr: int, length: int) -> memoryview:
         """A view of a buffer outside the cached region; it becomes the cached region."""
