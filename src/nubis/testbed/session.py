@@ -46,13 +46,15 @@ from nubis.testbed.host import HostInfo, HostKind, detect_host
 log = logging.getLogger(__name__)
 
 L1_KERNEL_METAPACKAGE = "linux-image-amd64"
-#: L1's modules: KVM for AMD, virtio PCI and 9p for the shares, tun for guest networking.
+#: L1's modules: KVM for AMD, virtio PCI and 9p for the shares, tun for guest networking, loop
+#: for block devices over files in L1's memory (the block benchmark's local disk).
 L1_MODULES: tuple[str, ...] = (
     "irqbypass",
     "kvm",
     "ccp",
     "kvm-amd",
     "tun",
+    "loop",
     "netfs",
     "fscache",
     "9pnet",
