@@ -17,12 +17,16 @@ medians are compared.
 
 Disk set-ups, chosen to do the same work per request:
 
-* nubis: ``--disk path=DATA,direct=on``, so the image is opened with O_DIRECT; nubis's queue
-  worker parses requests and hands reads and writes to a pool of I/O threads (``preadv``/
-  ``pwritev``), so many requests are in flight at once, as with QEMU. (On a local ext4, XFS or
-  block device nubis would use native AIO instead; on 9p ``io_submit`` is synchronous.) In the nested test host
-  the image reaches L1 over 9p, where a 1 MiB O_DIRECT read costs about 20 ms and a 4 KiB one
-  about 6 ms, so throughput depends on how many requests overlap.
+* the data disk: by default (``--data-on loop``) the image is copied to /tmp on the machine
+  that runs the VMMs (L1's tmpfs in the nested test host) and attached as a loop block device,
+  a fast local disk as a cloud host would have. ``--data-on file`` uses the image file where
+  it is, in the work directory: in the nested test host that is a 9p share, where a 1 MiB
+  O_DIRECT read costs about 20 ms and a 4 KiB one about 6 ms, so the figures then measure how
+  well each VMM overlaps 9p's latency rather than its own cost.
+* nubis: ``--disk path=DATA,direct=on``, so the disk is opened with O_DIRECT; on a block
+  device (or a local ext4 or XFS file) nubis's queue worker submits reads and writes by native
+  AIO (``io_submit``), many in flight at once, as QEMU does; on 9p, where ``io_submit`` is
+  synchronous, a pool of I/O threads calls ``preadv``/``pwritev`` instead.
 * QEMU 7.2: ``-M microvm,pcie=on`` (no emulated motherboard, as with nubis, plus a PCIe host
   bridge described by ACPI so the guest's driver is virtio-blk-pci, as with nubis, not
   virtio-mmio), ``-drive ...,format=raw,cache=none,aio=native`` (cache=none is O_DIRECT on the
