@@ -44,7 +44,7 @@ from nubis.memory import GuestMemoryError
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from nubis.memory import GuestMemory
+    from nubis.memory import GuestMemory, GuestRegion
 
 # Descriptor flags (2.7.5).
 VIRTQ_DESC_F_NEXT = 1
@@ -547,8 +547,6 @@ class Queue:
         return views, total
 
     def _read_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
-        # The hot path of every device: locals instead of attribute look-ups, one unpack per
-        # descriptor, and the Descriptor built straight from the unpacked tuple.
         addr, length, flags, _next = DESC.unpack_from(self._desc_view, head << 4)
         if flags == VIRTQ_DESC_F_INDIRECT and length == DESC3.size and self.size >= 3:
             chain = self._read_indirect3(memory, head, addr)
@@ -558,6 +556,8 @@ class Queue:
 
     def _walk_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
         """Read and check the chain at ``head``, whatever its shape (2.7.5.3, 2.7.13)."""
+        # The hot path of every device: locals instead of attribute look-ups, one unpack per
+        # descriptor, and the Descriptor built straight from the unpacked tuple.
         size = self.size
         table = self._desc_view
         table_len = size
@@ -633,7 +633,7 @@ class Queue:
             region = memory.find_region(addr)
             if region is None:
                 return None
-            start, span, base = self._region = (region.start, region.size, region.view)
+            start, span, base = self._cache_region(region)
             offset = addr - start
             if offset + DESC3.size > span:
                 return None
@@ -673,9 +673,14 @@ class Queue:
                 f"descriptor chain at head {head} has a buffer at {addr:#x} of "
                 f"{length} bytes outside guest RAM"
             )
-        self._region = (region.start, region.size, region.view)
+        self._cache_region(region)
         offset = addr - region.start
         return region.view[offset : offset + length]
+
+    def _cache_region(self, region: GuestRegion) -> tuple[int, int, memoryview]:
+        """Make ``region`` the one buffers are first looked for in; returns the cached triple."""
+        self._region = (region.start, region.size, region.view)
+        return self._region
 
     def _indirect_table(self, memory: GuestMemory, addr: int, length: int, head: int) -> memoryview:
         if length == 0 or length % DESC.size:
