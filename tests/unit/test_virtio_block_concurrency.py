@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from block_rig import BlockRig
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nubis.memory import GuestMemory
 from nubis.virtio.block import (
@@ -400,3 +402,42 @@ def test_coalesce_joins_only_touching_buffers_of_one_region() -> None:
         assert coalesce(memory, []) == []
     finally:
         memory.close()
+
+
+def _coalesce_reference(memory: GuestMemory, segments: Sequence[tuple[int, int]]) -> list[Any]:
+    # The plain rule: join a buffer to the run before it when it starts where the run ends
+    # and the joined run still lies in one region.
+    merged: list[tuple[int, int]] = []
+    for addr, size in segments:
+        if merged:
+            last_addr, last_size = merged[-1]
+            if last_addr + last_size == addr and memory.contains(last_addr, last_size + size):
+                merged[-1] = (last_addr, last_size + size)
+                continue
+        merged.append((addr, size))
+    return merged
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(
+            st.sampled_from([0, 0x800, 0xF00, 0x1000, 0x1800, 0x1F00, 0x3000, 0x3F00]),
+            st.sampled_from([0x80, 0x100, 0x800]),
+        ),
+        max_size=12,
+    ),
+    chained=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_coalesce_agrees_with_the_plain_rule(
+    segments: list[tuple[int, int]], chained: list[bool]
+) -> None:
+    # Regions [0, 8K) and [12K, 16K) with a hole between; many buffers touch the one before.
+    with GuestMemory([(0, 0x2000), (0x3000, 0x1000)]) as memory:
+        touching: list[tuple[int, int]] = []
+        for (addr, size), follow in zip(segments, chained, strict=False):
+            if follow and touching:
+                addr = touching[-1][0] + touching[-1][1]
+            if memory.contains(addr, size):  # the queue hands over only buffers in RAM
+                touching.append((addr, size))
+        assert coalesce(memory, touching) == _coalesce_reference(memory, touching)

@@ -422,3 +422,20 @@ def test_a_three_entry_indirect_request_takes_the_shortcut(memory: GuestMemory) 
         assert list(chain) == list(shortcut)
         assert chain.readable_count == shortcut.readable_count == len(readable)
         assert [(d.addr, d.len) for d in chain.writable()] == sent.writable
+
+
+def test_a_large_in_order_indirect_request_takes_the_shortcut(memory: GuestMemory) -> None:
+    # A 1 MiB read as Linux frames it: header, many page-sized buffers, status.
+    mock = MockSplitQueue(memory, 256, 0)
+    queue = mock.create_queue()
+    for readable, writable in (([16], [1024] * 30 + [1]), ([16] + [512] * 20, [1]), ([16] * 5, [])):
+        sent = mock.add_chain([bytes(n) for n in readable], writable, indirect=True)
+        table = Descriptor(*DESC.unpack(memory.read(mock.desc_table + DESC.size * sent.head, 16)))
+        assert table.len == DESC.size * (len(readable) + len(writable))
+        shortcut = queue._read_indirect_run(memory, sent.head, table.addr, table.len)
+        assert shortcut is not None
+        chain = queue.pop_descriptor_chain(memory)
+        assert chain is not None
+        assert list(chain) == list(shortcut) == list(queue._walk_chain(memory, sent.head))
+        assert chain.readable_count == shortcut.readable_count == len(readable)
+        assert [(d.addr, d.len) for d in chain.writable()] == sent.writable

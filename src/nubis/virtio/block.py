@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING
 
 from nubis._log import getLogger
 from nubis._thread import name_os_thread
+from nubis.memory import GuestMemoryError
 from nubis.virtio.aio import (
     IO_EVENT,
     IOCB,
@@ -352,17 +353,24 @@ class _NativeAio:
         if iovecs is None or len(iovecs) < IOVEC.size * count:
             iovecs, self.iovec_bases[slot] = _host_buffer(IOVEC.size * max(count, 4))
             self.iovecs[slot] = iovecs
-        host_address = memory.host_address
         if count == 1:
             addr, piece = segments[0]
-            IOVEC.pack_into(iovecs, 0, host_address(addr, piece), piece)
+            IOVEC.pack_into(iovecs, 0, memory.host_address(addr, piece), piece)
         else:
+            # One region lookup for a run of buffers in the same region, not one per buffer.
             piece = 0
-            position = 0
+            start = end = delta = 0
+            fields: list[int] = []
             for addr, size in segments:
-                IOVEC.pack_into(iovecs, position, host_address(addr, size), size)
-                position += IOVEC.size
+                if not start <= addr or addr + size > end:
+                    region = memory.find_region(addr)
+                    if region is None or addr + size > region.end:
+                        raise GuestMemoryError(addr, size)
+                    start, end = region.start, region.end
+                    delta = region.host_address - start
+                fields += (addr + delta, size)
                 piece += size
+            struct.pack_into(f"<{2 * count}Q", iovecs, 0, *fields)
         request.piece = piece
         IOCB.pack_into(
             self.iocbs,
@@ -868,13 +876,12 @@ class Block(QueueDevice):
     def _fd_for(self, segments: Sequence[Segment], offset: int, length: int) -> int:
         if self._direct_fd < 0:
             return self._fd
-        align = self._direct_align
-        if offset % align or length % align:
-            return self._fd
+        # The alignment is a power of two: OR-ing every address and length together keeps any
+        # low bit that one of them sets.
+        bits = offset | length
         for addr, size in segments:
-            if addr % align or size % align:
-                return self._fd
-        return self._direct_fd
+            bits |= addr | size
+        return self._fd if bits & (self._direct_align - 1) else self._direct_fd
 
     # --- native AIO (worker thread) -----------------------------------------------------------
 
@@ -1152,16 +1159,26 @@ def coalesce(memory: GuestMemory, segments: Sequence[Segment]) -> list[Segment]:
 
     A driver's scatter list often names consecutive pages one by one; handed to the kernel as
     one iovec, they cost one slice here and, on some backings (9p with O_DIRECT, say), one
-    request instead of one per page.
+    request instead of one per page. The region is looked up when a run starts, not for each
+    buffer: a buffer joins the run before it if it starts where that run ends and ends inside
+    the run's region.
     """
     merged: list[Segment] = []
-    for addr, size in segments:
-        if merged:
-            last_addr, last_size = merged[-1]
-            if last_addr + last_size == addr and memory.contains(last_addr, last_size + size):
-                merged[-1] = (last_addr, last_size + size)
+    if not segments:
+        return merged
+    start = end = 0  # the region of the current run (empty: look it up)
+    run_addr, run_size = segments[0]
+    for addr, size in segments[1:]:
+        if addr == run_addr + run_size:
+            if not start <= run_addr < end:
+                region = memory.find_region(run_addr)
+                start, end = (0, 0) if region is None else (region.start, region.end)
+            if addr + size <= end:
+                run_size += size
                 continue
-        merged.append((addr, size))
+        merged.append((run_addr, run_size))
+        run_addr, run_size = addr, size
+    merged.append((run_addr, run_size))
     return merged
 
 

@@ -135,6 +135,14 @@ class Descriptor(NamedTuple):
 #: Builds a Descriptor from an unpacked (addr, len, flags, next) tuple without a Python call.
 _new_descriptor = tuple.__new__
 
+#: The largest indirect table `Queue._read_indirect_run` takes; larger ones get the general walk.
+RUN_MAX_ENTRIES = 1024
+# What `Queue._read_indirect_run` compares an in-order indirect table with: the links 1, 2, ...
+# and the flags of readable and writable buffers that are not the last.
+_LINKS = list(range(1, RUN_MAX_ENTRIES))
+_READ_FLAGS = [VIRTQ_DESC_F_NEXT] * RUN_MAX_ENTRIES
+_WRITE_FLAGS = [VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE] * RUN_MAX_ENTRIES
+
 
 class DescriptorChain:
     """A checked descriptor chain popped from the available ring (2.7.5.1, 2.7.5.3).
@@ -548,10 +556,16 @@ class Queue:
 
     def _read_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
         addr, length, flags, _next = DESC.unpack_from(self._desc_view, head << 4)
-        if flags == VIRTQ_DESC_F_INDIRECT and length == DESC3.size and self.size >= 3:
-            chain = self._read_indirect3(memory, head, addr)
-            if chain is not None:
-                return chain
+        if flags == VIRTQ_DESC_F_INDIRECT:
+            if length == DESC3.size:
+                if self.size >= 3:
+                    chain = self._read_indirect3(memory, head, addr)
+                    if chain is not None:
+                        return chain
+            elif DESC.size < length <= min(self.size, RUN_MAX_ENTRIES) << 4 and not length & 15:
+                chain = self._read_indirect_run(memory, head, addr, length)
+                if chain is not None:
+                    return chain
         return self._walk_chain(memory, head)
 
     def _walk_chain(self, memory: GuestMemory, head: int) -> DescriptorChain:
@@ -663,6 +677,65 @@ class Queue:
                 new(Descriptor, fields[8:12]),
             ],
             1 if f1 & VIRTQ_DESC_F_WRITE else 2,
+        )
+
+    def _read_indirect_run(
+        self, memory: GuestMemory, head: int, addr: int, length: int
+    ) -> DescriptorChain | None:
+        """The chain at ``head`` if it is an indirect table used in order, else None.
+
+        Linux fills an indirect table front to back: descriptor ``i`` links to ``i + 1``, the
+        readable buffers come first and the last descriptor ends the chain. A large request (a
+        1 MiB read is up to 256 page-sized buffers) is such a table. It is checked here as a
+        whole, with C-level passes over one copy of it instead of Python work per descriptor:
+
+        * the links are exactly 1, 2, ... n-1 (the last one is not followed);
+        * the flags are NEXT for the readable buffers, NEXT|WRITE for the writable ones and no
+          NEXT for the last (WRITE or not, not readable after writable), so no nested table;
+        * no buffer is empty, and every buffer lies in the cached memory region: the lowest
+          address is in it, and the highest address plus the longest length does not pass its
+          end (a sufficient test, not a necessary one).
+
+        The table is copied once and both the checks and the descriptors come from that copy,
+        so a driver rewriting it meanwhile cannot slip a change past the checks. Whatever fails
+        a test goes to the general walk, which gives the precise verdict. The caller has
+        checked that the table has 2 to ``size`` entries, and at most `RUN_MAX_ENTRIES`.
+        """
+        start, span, base = self._region
+        offset = addr - start
+        if offset < 0 or offset + length > span:
+            region = memory.find_region(addr)
+            if region is None:
+                return None
+            start, span, base = self._cache_region(region)
+            offset = addr - start
+            if offset + length > span:
+                return None
+        table = memoryview(bytes(base[offset : offset + length]))
+        count = length >> 4
+        halves = table.cast("H")
+        if halves[7 : 8 * (count - 1) : 8].tolist() != _LINKS[: count - 1]:
+            return None
+        flags = halves[6::8].tolist()
+        last = flags[-1]
+        readable = flags.count(VIRTQ_DESC_F_NEXT)
+        if last == VIRTQ_DESC_F_WRITE:
+            expected = _READ_FLAGS[:readable] + _WRITE_FLAGS[: count - 1 - readable]
+        elif last == 0 and readable == count - 1:
+            expected = _READ_FLAGS[:readable]
+            readable = count
+        else:
+            return None
+        del flags[-1]
+        if flags != expected:
+            return None
+        lengths = table.cast("I")[2::4]
+        addrs = table.cast("Q")[::2]
+        if not min(lengths) or min(addrs) < start or max(addrs) + max(lengths) > start + span:
+            return None
+        new = _new_descriptor
+        return DescriptorChain(
+            head, [new(Descriptor, fields) for fields in DESC.iter_unpack(table)], readable
         )
 
     def _slice_buffer(self, memory: GuestMemory, head: int, addr: int, length: int) -> memoryview:
