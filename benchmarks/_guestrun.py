@@ -98,6 +98,85 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return kinds
 
 
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+
+
+def mount_debugfs() -> None:
+    """Mount debugfs if it is not, so :func:`kvm_stats` can read KVM's per-VM counters.
+
+    Needs root; without it (or without debugfs) the counters are simply not reported.
+    """
+    if not os.path.isdir(KVM_DEBUGFS):
+        subprocess.run(
+            ["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+            check=False,
+            capture_output=True,
+        )
+
+
+def kvm_stats(pid: int) -> dict[str, int]:
+    """KVM's counters for the VMs of process ``pid`` (vCPU counters summed over its vCPUs).
+
+    KVM keeps one debugfs directory per VM, ``PID-FD``, holding one file per counter: exits by
+    reason (``io_exits``, ``mmio_exits``, ``irq_exits``, ``halt_exits``...), interrupts injected,
+    halt polling. The same counters exist for every VMM, so they compare the work each one makes
+    the host's KVM do. Empty when debugfs is not mounted.
+    """
+    stats: dict[str, int] = {}
+    try:
+        names = [n for n in os.listdir(KVM_DEBUGFS) if n.startswith(f"{pid}-")]
+    except OSError:
+        return stats
+    for name in names:
+        directory = os.path.join(KVM_DEBUGFS, name)
+        try:
+            counters = os.listdir(directory)
+        except OSError:
+            continue
+        for counter in counters:
+            try:
+                with open(os.path.join(directory, counter), "rb") as f:
+                    value = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            stats[counter] = stats.get(counter, 0) + value
+    return stats
+
+
+#: The KVM counters a job reports (see :func:`kvm_stats`), when they moved.
+KVM_REPORTED_STATS = (
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "irq_exits",
+    "halt_exits",
+    "request_irq_exits",
+    "signal_exits",
+    "irq_window_exits",
+    "irq_injections",
+    "halt_successful_poll",
+    "halt_attempted_poll",
+    "halt_wakeup",
+    "halt_poll_success_ns",
+    "halt_wait_ns",
+    "pf_taken",
+    "pf_fixed",
+    "tlb_flush",
+    "invlpg",
+    "pages_4k",
+    "pages_2m",
+)
+
+
+def _kvm_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    # pages_4k and pages_2m are levels (pages mapped now), not counts: the later value is kept.
+    return {
+        name: after[name] if name.startswith("pages_") else after[name] - before.get(name, 0)
+        for name in KVM_REPORTED_STATS
+        if name in after and (name.startswith("pages_") or after[name] != before.get(name, 0))
+    }
+
+
 def _thread_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {
         kind: round(seconds - before.get(kind, 0.0), 2)
@@ -137,6 +216,7 @@ class GuestRun:
     process_cpu_s: float = 0.0
     job_cpu_s: dict[str, float] = field(default_factory=dict)
     job_thread_cpu_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    job_kvm: dict[str, dict[str, int]] = field(default_factory=dict)
     job_status: dict[str, int] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -158,12 +238,14 @@ def run_vmm(argv: list[str], timeout: float) -> GuestRun:
     lines: list[str] = []
     cpu_start: dict[str, float | None] = {}
     threads_start: dict[str, dict[str, float]] = {}
+    kvm_start: dict[str, dict[str, int]] = {}
     for raw in iter(proc.stdout.readline, b""):
         line = raw.decode(errors="replace").rstrip("\r\n")
         words = line.split()
         if words[:1] == ["BENCH-JOB-START"] and len(words) == 2:
             cpu_start[words[1]] = process_cpu_seconds(proc.pid)
             threads_start[words[1]] = thread_cpu_seconds(proc.pid)
+            kvm_start[words[1]] = kvm_stats(proc.pid)
         elif words[:1] == ["BENCH-JOB-END"] and len(words) == 3:
             before, after = cpu_start.get(words[1]), process_cpu_seconds(proc.pid)
             if before is not None and after is not None:
@@ -171,6 +253,7 @@ def run_vmm(argv: list[str], timeout: float) -> GuestRun:
                 run.job_thread_cpu_s[words[1]] = _thread_delta(
                     threads_start.get(words[1], {}), thread_cpu_seconds(proc.pid)
                 )
+                run.job_kvm[words[1]] = _kvm_delta(kvm_start.get(words[1], {}), kvm_stats(proc.pid))
             run.job_status[words[1]] = int(words[2]) if words[2].isdigit() else -1
         elif words[:1] == ["BENCH-JSON"] and len(words) == 3:
             try:
@@ -212,6 +295,7 @@ def run_rounds(
     bad moments), and a VMM that fails twice is left out of later rounds. Returns
     ``{"samples": {name: [sample...]}, "failures": {name: reason}}``.
     """
+    mount_debugfs()
     runs = int(config["runs"])
     templates: dict[str, list[str]] = config["vmms"]
     values = {k: str(v) for k, v in config["values"].items()}

@@ -160,7 +160,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
         run.problems.append(
             f"the guest saw {sectors} sectors on {DATA_DEVICE}, not {DATA_DISK_MIB} MiB"
         )
-    jobs: dict[str, dict[str, float]] = {}
+    jobs: dict[str, dict[str, Any]] = {}
     for name, _args, direction, unit, _target in JOBS:
         fio = run.reports.get(name)
         if fio is None or run.job_status.get(name) != 0:
@@ -177,6 +177,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
             "runtime_s": stats["runtime"] / 1000,
             "cpu_s": run.job_cpu_s.get(name, math.nan),
             "threads": run.job_thread_cpu_s.get(name, {}),
+            "kvm": run.job_kvm.get(name, {}),
         }
     if run.problems:
         return None
@@ -277,6 +278,9 @@ def report(
             },
             "thread_cpu_s": {
                 vmm: [r["jobs"][name]["threads"] for r in runs] for vmm, runs in samples.items()
+            },
+            "kvm_stats": {
+                vmm: [r["jobs"][name].get("kvm", {}) for r in runs] for vmm, runs in samples.items()
             },
             **common,
             "nubis_failure": failures.get("nubis"),

@@ -143,7 +143,7 @@ def _frame_sizes(nic: dict[str, list[int]] | None) -> dict[str, float]:
 
 def measure(run: GuestRun) -> dict[str, Any] | None:
     """Throughput and CPU cost of each job of a finished run, or None (with run.problems)."""
-    jobs: dict[str, dict[str, float]] = {}
+    jobs: dict[str, dict[str, Any]] = {}
     for name, _args in JOBS:
         report = run.reports.get(name)
         if report is None or run.job_status.get(name) != 0:
@@ -161,6 +161,7 @@ def measure(run: GuestRun) -> dict[str, Any] | None:
             "seconds": received["seconds"],
             "cpu_s": cpu,
             "threads": run.job_thread_cpu_s.get(name, {}),
+            "kvm": run.job_kvm.get(name, {}),
             "retransmits": report["end"].get("sum_sent", {}).get("retransmits", -1),
             **_frame_sizes(run.reports.get(f"{name}.nic")),
         }
@@ -235,6 +236,9 @@ def report(
             },
             thread_cpu_s={
                 vmm: [r["jobs"][name]["threads"] for r in runs] for vmm, runs in samples.items()
+            },
+            kvm_stats={
+                vmm: [r["jobs"][name].get("kvm", {}) for r in runs] for vmm, runs in samples.items()
             },
             retransmits={
                 vmm: [r["jobs"][name]["retransmits"] for r in runs] for vmm, runs in samples.items()
