@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from nubis.memory import GuestMemory
 from nubis.virtio.mock import MockSplitQueue
-from nubis.virtio.queue import DESC, DescriptorChain, QueueError, vring_need_event
+from nubis.virtio.queue import (
+    DESC,
+    USED_ELEM,
+    VIRTQ_DESC_F_WRITE,
+    DescriptorChain,
+    QueueError,
+    vring_need_event,
+)
 
 # Two small regions with a hole between them: [0, 16K) and [32K, 48K).
 REGIONS = [(0, 0x4000), (0x8000, 0x4000)]
@@ -383,4 +390,80 @@ def test_in_order_indirect_tables_read_as_the_general_walk_reads_them(
                 return str(exc)
             return (list(chain), chain.readable_count)
 
-        assert outcome(queue._read_chain) == outcome(queue._walk_chain)
+        walked = outcome(queue._walk_chain)
+        assert outcome(queue._read_chain) == walked
+        # The lean path (views of one direction) takes the same shortcut; it must agree too.
+        for want in (0, VIRTQ_DESC_F_WRITE):
+            try:
+                views, total = queue._chain_views(memory, 0, want)
+                lean: object = ([_host_address(v) for v in views], total)
+            except QueueError:
+                lean = "refused"
+            if isinstance(walked, str):
+                assert lean == "refused"
+                continue
+            chain, readable = walked  # type: ignore[misc]
+            chosen = [d for d in (chain[readable:] if want else chain[:readable]) if d.len]
+            assert lean == (
+                [memory.host_address(d.addr, d.len) for d in chosen],
+                sum(d.len for d in chosen),
+            )
+
+
+def _spread_model(
+    size: int, next_used: int, heads: list[int], lengths: list[int], written: int
+) -> tuple[int, list[tuple[int, int, int]]] | str:
+    # One chain at a time: each takes what is left, up to its length, until nothing is.
+    left, taken, elements = written, 0, []
+    while True:
+        if taken >= len(heads):
+            return "do not fit"
+        if not 0 <= heads[taken] < size:
+            return "beyond queue size"
+        part = min(lengths[taken], left)
+        elements.append(((next_used + taken) % size, heads[taken], part))
+        taken += 1
+        left -= part
+        if left <= 0:
+            # More elements than the ring holds would overwrite each other: refused.
+            return (taken, elements) if taken <= size else "more than the ring holds"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    size=st.sampled_from([1, 2, 4, 8]),
+    next_used=st.integers(0, 0xFFFF),
+    chains=st.lists(
+        st.tuples(
+            st.integers(0, 4).map(lambda h: h if h < 4 else 0xFFFF),
+            st.sampled_from([0, 1, 100, 4096]),
+        ),
+        max_size=10,
+    ),
+    written=st.integers(0, 20000),
+)
+def test_used_elements_spread_over_chains_as_one_at_a_time(
+    size: int, next_used: int, chains: list[tuple[int, int]], written: int
+) -> None:
+    # stage_used_spread works on whole lists at once; it must store what filling the chains
+    # one at a time would, wrapping around the ring, and refuse what that refuses.
+    heads = [head for head, _ in chains]
+    lengths = [length for _, length in chains]
+    with GuestMemory(REGIONS) as memory:
+        mock = MockSplitQueue(memory, size, 0)
+        queue = mock.create_queue()
+        queue.validate(memory)
+        queue.next_used = next_used
+        expected = _spread_model(size, next_used, heads, lengths, written)
+        try:
+            taken = queue.stage_used_spread(memory, heads, lengths, written)
+        except QueueError as exc:
+            # Either refusal (too few bytes offered, or a bad head) needs a device reset.
+            assert isinstance(expected, str), exc
+            return
+        assert not isinstance(expected, str)
+        assert taken == expected[0]
+        assert queue.next_used == (next_used + taken) & 0xFFFF
+        for slot, head, part in expected[1]:
+            element = memory.read(mock.used_ring + 4 + 8 * slot, 8)
+            assert USED_ELEM.unpack(element) == (head, part)

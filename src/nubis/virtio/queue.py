@@ -36,7 +36,9 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 from nubis._typing import NamedTuple
 from nubis.memory import GuestMemoryError
@@ -445,8 +447,14 @@ class Queue:
         )
         next_avail = self.next_avail
         rejected: list[int] = []
-        for _ in range(count):
-            head = ring[2 + (next_avail & mask)]
+        # The heads in one or two slices of the ring (it may wrap), not one index each.
+        first = next_avail & mask
+        if first + count <= size:
+            ring_heads = ring[2 + first : 2 + first + count].tolist()
+        else:
+            ring_heads = ring[2 + first : 2 + size].tolist()
+            ring_heads += ring[2 : 2 + count - (size - first)].tolist()
+        for head in ring_heads:
             next_avail = (next_avail + 1) & 0xFFFF
             self.next_avail = next_avail
             if head >= size:
@@ -490,6 +498,21 @@ class Queue:
         table = self._desc_view
         table_len = self.size
         unpack_from = DESC.unpack_from
+        addr, length, flags, _next = unpack_from(table, head << 4)
+        if (
+            flags == VIRTQ_DESC_F_INDIRECT
+            and DESC.size < length <= min(table_len, RUN_MAX_ENTRIES) << 4
+            and not length & 15
+        ):
+            run = self._in_order_table(memory, addr, length)
+            if run is not None:
+                entries, readable, start, base = run
+                every = list(DESC.iter_unpack(entries))
+                picked = every[readable:] if want else every[:readable]
+                return (
+                    [base[a - start : a - start + n] for a, n, _f, _x in picked],
+                    sum([n for _a, n, _f, _x in picked]),
+                )
         start, span, base = self._region
         views: list[memoryview] = []
         total = 0
@@ -682,12 +705,28 @@ class Queue:
     def _read_indirect_run(
         self, memory: GuestMemory, head: int, addr: int, length: int
     ) -> DescriptorChain | None:
-        """The chain at ``head`` if it is an indirect table used in order, else None.
+        """The chain at ``head`` if its indirect table is filled in order, else None (see
+        :meth:`_in_order_table`)."""
+        run = self._in_order_table(memory, addr, length)
+        if run is None:
+            return None
+        table, readable, _start, _base = run
+        new = _new_descriptor
+        return DescriptorChain(
+            head, [new(Descriptor, fields) for fields in DESC.iter_unpack(table)], readable
+        )
+
+    def _in_order_table(
+        self, memory: GuestMemory, addr: int, length: int
+    ) -> tuple[memoryview, int, int, memoryview] | None:
+        """A copy of the indirect table at ``addr`` if it is filled in order, with its count of
+        readable buffers and the start and view of the region its buffers lie in; else None.
 
         Linux fills an indirect table front to back: descriptor ``i`` links to ``i + 1``, the
-        readable buffers come first and the last descriptor ends the chain. A large request (a
-        1 MiB read is up to 256 page-sized buffers) is such a table. It is checked here as a
-        whole, with C-level passes over one copy of it instead of Python work per descriptor:
+        readable buffers come first and the last descriptor ends the chain. Large requests are
+        such tables: a 1 MiB disk read of up to 256 page-sized buffers, a 64 KiB TCP segment
+        sent as its headers and page fragments. The table is checked here as a whole, with
+        C-level passes over one copy of it instead of Python work per descriptor:
 
         * the links are exactly 1, 2, ... n-1 (the last one is not followed);
         * the flags are NEXT for the readable buffers, NEXT|WRITE for the writable ones and no
@@ -696,10 +735,10 @@ class Queue:
           address is in it, and the highest address plus the longest length does not pass its
           end (a sufficient test, not a necessary one).
 
-        The table is copied once and both the checks and the descriptors come from that copy,
-        so a driver rewriting it meanwhile cannot slip a change past the checks. Whatever fails
-        a test goes to the general walk, which gives the precise verdict. The caller has
-        checked that the table has 2 to ``size`` entries, and at most `RUN_MAX_ENTRIES`.
+        The table is copied once and both the checks and the buffers come from that copy, so a
+        driver rewriting it meanwhile cannot slip a change past the checks. Whatever fails a
+        test goes to the general walk, which gives the precise verdict. The caller has checked
+        that the table has 2 to ``size`` entries, and at most `RUN_MAX_ENTRIES`.
         """
         start, span, base = self._region
         offset = addr - start
@@ -733,10 +772,7 @@ class Queue:
         addrs = table.cast("Q")[::2]
         if not min(lengths) or min(addrs) < start or max(addrs) + max(lengths) > start + span:
             return None
-        new = _new_descriptor
-        return DescriptorChain(
-            head, [new(Descriptor, fields) for fields in DESC.iter_unpack(table)], readable
-        )
+        return table, readable, start, base
 
     def _slice_buffer(self, memory: GuestMemory, head: int, addr: int, length: int) -> memoryview:
         """A view of a buffer outside the cached region; it becomes the cached region."""
@@ -811,32 +847,44 @@ class Queue:
         """
         self.validate(memory)
         size = self.size
-        mask = size - 1
+        # The chains taken: up to the first whose running total reaches ``written``. Every one
+        # but the last is reported full (C-level passes: virtio-net spreads a 64 KiB frame
+        # over some 16 chains, for every frame it receives).
+        totals = list(accumulate(lengths))
+        taken = bisect_left(totals, written) + 1
+        if taken > len(totals):
+            raise QueueError(
+                f"{written} bytes written do not fit in the {len(totals)} chains offered"
+            )
+        if taken > size:
+            raise QueueError(f"{taken} used entries do not fit in a ring of {size}")
+        chosen = heads[:taken]
+        if min(chosen) < 0 or max(chosen) >= size:
+            bad = next(head for head in chosen if not 0 <= head < size)
+            raise QueueError(f"used entry names descriptor {bad}, beyond queue size")
+        fields = [0] * (2 * taken)
+        fields[::2] = chosen
+        fields[1::2] = lengths[:taken]
+        fields[-1] = written - (totals[taken - 2] if taken > 1 else 0)
         next_used = self.next_used
+        slot = next_used & (size - 1)
+        first = size - slot  # elements that fit before the ring wraps
         view = self._used_view
-        pack_into = USED_ELEM.pack_into
-        elem = USED_ELEM.size
-        first = RING_HEADER.size
-        left = written
-        taken = 0
-        available = len(heads)
-        while True:
-            if taken >= available:
-                raise QueueError(
-                    f"{written} bytes written do not fit in the {available} chains offered"
-                )
-            head = heads[taken]
-            length = lengths[taken]
-            if not 0 <= head < size:
-                raise QueueError(f"used entry names descriptor {head}, beyond queue size")
-            part = length if left > length else left
-            pack_into(view, first + elem * (next_used & mask), head, part)
-            next_used = (next_used + 1) & 0xFFFF
-            taken += 1
-            left -= part
-            if left <= 0:
-                break
-        self.next_used = next_used
+        if taken <= first:
+            struct.pack_into(
+                f"<{2 * taken}I", view, RING_HEADER.size + USED_ELEM.size * slot, *fields
+            )
+        else:
+            struct.pack_into(
+                f"<{2 * first}I",
+                view,
+                RING_HEADER.size + USED_ELEM.size * slot,
+                *fields[: 2 * first],
+            )
+            struct.pack_into(
+                f"<{2 * (taken - first)}I", view, RING_HEADER.size, *fields[2 * first :]
+            )
+        self.next_used = (next_used + taken) & 0xFFFF
         return taken
 
     def publish_used(self, memory: GuestMemory) -> None:
