@@ -17,6 +17,7 @@ from nubis.cli import (
     parse_args,
     parse_console,
     parse_disk,
+    parse_memory,
     parse_net,
     split_options,
 )
@@ -72,6 +73,7 @@ def test_parse_args_builds_the_config(kernel: Path, tmp_path: Path) -> None:
     assert config is not None
     assert config.cpus.boot_vcpus == 2
     assert config.memory.size == 1 << 30
+    assert config.memory.thp and not config.memory.shared
     assert config.payload.cmdline == "console=ttyS0 quiet"
     assert [d.readonly for d in config.disks] == [True, False]
     assert config.disks[0].id == "d0" and config.disks[1].serial == "abc"
@@ -96,6 +98,7 @@ def test_json_round_trip(kernel: Path) -> None:
         ({"payload": {"kernel": "k"}, "cpus": {"boot_vcpus": 0}}, "cpus.boot_vcpus is 0"),
         ({"payload": {"kernel": "k"}, "cpus": {"boot_vcpus": "2"}}, "must be an integer"),
         ({"payload": {"kernel": "k"}, "memory": {"size": 1 << 20}}, "memory.size"),
+        ({"payload": {"kernel": "k"}, "memory": {"thp": "yes"}}, "memory.thp"),
         ({"payload": {"kernel": "k", "cmdline": "x" * MAX_CMDLINE_SIZE}}, "the limit is"),
         ({"payload": {"kernel": "k"}, "serial": {"mode": "Pty"}}, "not one of"),
         (
@@ -152,6 +155,9 @@ def test_console_and_device_options() -> None:
         parse_disk("readonly=on")
     with pytest.raises(UsageError, match="no parameter 'bogus'"):
         parse_disk("path=x,bogus=1")
+    assert not parse_memory("size=64M,thp=off").thp
+    with pytest.raises(UsageError, match="must be on or off"):
+        parse_memory("thp=2M")
     with pytest.raises(UsageError, match="must be on or off"):
         parse_disk("path=x,readonly=maybe")
     assert parse_net("tap=,ip=192.168.249.1,mask=255.255.255.0").tap is None

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from nubis.arch.x86_64.layout import FIRST_ADDR_PAST_32BITS, MEM_32BIT_RESERVED_START, MiB
 from nubis.memory import PAGE_SIZE, GuestAddress, GuestMemory, GuestMemoryError
+from nubis.memory.guest import HUGE_PAGE_SIZE
 
 
 @pytest.fixture
@@ -38,6 +39,41 @@ def test_host_address_is_the_mapping(memory: GuestMemory) -> None:
     assert ctypes.string_at(region.host_address + 0x10, 5) == b"nubis"
     assert memory.host_address(0x10010, 5) == region.host_address + 0x10
     assert memory.host_address(0x7FFF, 1) == memory.regions[0].host_address + 0x7FFF
+
+
+def _vma_flags(address: int) -> list[str]:
+    """The VmFlags smaps(5) gives the mapping of this process that holds ``address``."""
+    with open("/proc/self/smaps", encoding="ascii") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_private_ram_with_thp_is_huge_page_aligned_and_advised() -> None:
+    # Host and guest addresses agree modulo 2 MiB, so KVM can map the host's huge pages as
+    # 2 MiB guest pages; the kernel is asked for huge pages on exactly the guest's range.
+    huge = HUGE_PAGE_SIZE
+    with GuestMemory([(0, 64 * MiB), (FIRST_ADDR_PAST_32BITS, 3 * MiB)], thp=True) as mem:
+        for region in mem.regions:
+            assert region.host_address % huge == region.start % huge == 0
+            assert len(region.view) == region.size
+            assert "hg" in _vma_flags(region.host_address)
+            assert "hg" in _vma_flags(region.host_address + region.size - 1)
+        last = FIRST_ADDR_PAST_32BITS + 3 * MiB - 4
+        mem.write_u32(last, 0xDEADBEEF)
+        assert ctypes.string_at(mem.host_address(last, 4), 4) == bytes.fromhex("efbeadde")
+        assert mem.read(last, 4) == bytes.fromhex("efbeadde")
+        assert mem.read_u32(last) == 0xDEADBEEF
+        with pytest.raises(GuestMemoryError):
+            mem.read(last + 4, 1)
+    with GuestMemory([(0, 64 * MiB)]) as plain:
+        assert "hg" not in _vma_flags(plain.regions[0].host_address)
 
 
 def test_shared_memory_uses_memfd() -> None:

@@ -115,12 +115,13 @@ def parse_cpus(text: str) -> CpusConfig:
 
 
 def parse_memory(text: str) -> MemoryConfig:
-    """``--memory size=SIZE[,shared=on]``."""
+    """``--memory size=SIZE[,shared=on][,thp=off]``."""
     values = split_options(text, "--memory")
-    _known("--memory", values, ("size", "shared"))
+    _known("--memory", values, ("size", "shared", "thp"))
     size = parse_size(values["size"], "--memory size") if "size" in values else MemoryConfig().size
     shared = _bool("--memory", "shared", values["shared"]) if "shared" in values else False
-    return MemoryConfig(size=size, shared=shared)
+    thp = _bool("--memory", "thp", values["thp"]) if "thp" in values else True
+    return MemoryConfig(size=size, shared=shared, thp=thp)
 
 
 def parse_disk(text: str) -> DiskConfig:
@@ -237,7 +238,7 @@ _VALUE_OPTIONS: tuple[tuple[str, str | None, str | None, str], ...] = (
     ("--initramfs", None, None, "initramfs (cpio archive) for the kernel"),
     ("--cmdline", "", None, "kernel command line"),
     ("--cpus", "boot=1", None, "boot=N: number of vCPUs (default boot=1)"),
-    ("--memory", "size=512M", None, "size=SIZE[,shared=on] (default size=512M)"),
+    ("--memory", "size=512M", None, "size=SIZE[,shared=on][,thp=off] (default size=512M, thp=on)"),
     ("--rng", "src=/dev/urandom", None, "virtio-rng: src=PATH, or 'off'"),
     ("--serial", "tty", None, "16550 serial port: off|null|tty|file=PATH (default tty)"),
     ("--console", "off", None, "virtio-console hvc0: off|null|tty|file=PATH (default off)"),

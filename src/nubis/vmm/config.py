@@ -196,16 +196,21 @@ class CpusConfig(Frozen):
 
 
 class MemoryConfig(Frozen):
-    """Guest RAM: ``size`` in bytes; ``shared`` backs it with a memfd (needed by vhost-user)."""
+    """Guest RAM: ``size`` in bytes; ``shared`` backs it with a memfd (needed by vhost-user);
+    ``thp`` (on by default) aligns private RAM to 2 MiB on the host and asks for transparent
+    huge pages, so that KVM can map the guest with 2 MiB pages where the host has them.
+    """
 
-    __slots__ = ("shared", "size")
+    __slots__ = ("shared", "size", "thp")
 
     size: int
     shared: bool
+    thp: bool
 
-    def __init__(self, size: int = 512 << 20, shared: bool = False) -> None:
+    def __init__(self, size: int = 512 << 20, shared: bool = False, thp: bool = True) -> None:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "shared", shared)
+        object.__setattr__(self, "thp", thp)
         self._check()
 
     def _check(self) -> None:
@@ -213,6 +218,7 @@ class MemoryConfig(Frozen):
         if self.size % 4096:
             raise ConfigError(f"memory.size {self.size} is not a multiple of the 4 KiB page size")
         _check_bool("memory.shared", self.shared)
+        _check_bool("memory.thp", self.thp)
 
 
 class PayloadConfig(Frozen):

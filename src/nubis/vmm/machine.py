@@ -191,7 +191,8 @@ class Machine:
         vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_START)
 
         ranges = layout.ram_ranges(self.config.memory.size)
-        self.memory = GuestMemory(ranges, shared=self.config.memory.shared)
+        memory = self.config.memory
+        self.memory = GuestMemory(ranges, shared=memory.shared, thp=memory.thp)
         self._closers.append(self.memory.close)
         for slot, region in enumerate(self.memory.regions):
             vm.set_user_memory_region(slot, region.start, region.size, region.host_address)
