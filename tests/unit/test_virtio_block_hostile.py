@@ -256,3 +256,94 @@ def test_the_usual_framing_splits_as_any_framing_does(
     ]
     chain = DescriptorChain(0, descriptors, len(readable))
     assert split_request(chain) == split_request_anyhow(chain)
+
+
+def _run_three_buffer_requests(
+    path: str,
+    scratch: Scratch,
+    batch: list[tuple[int, int, int, bool, int]],
+    readonly: bool,
+    direct: bool,
+    simple: bool,
+) -> tuple[dict[int, int], list[bytes], bytes]:
+    """Run header/data/status requests; the used lengths, each chain's writable bytes and
+    the disk afterwards."""
+    with GuestMemory([(0, 0x40000)]) as memory:
+        block = _open(path, scratch, direct, readonly=readonly, queue_size=64)
+        if not simple:
+            block._start_simple = lambda *_args: False  # type: ignore[method-assign]
+        driver = MockDriver(block, memory, sizes=[64])
+        mock = driver.queues[0]
+        chains = []
+        for kind, sector, length, data_writable, alignment in batch:
+            header = REQUEST_HEADER.pack(kind, 0, sector)
+            if data_writable:
+                readable, writable = [header], [length, 1]
+            else:
+                readable, writable = [header, b"\x5a" * length], [1]
+            chains.append(mock.add_chain(readable, writable, indirect=True, alignment=alignment))
+        driver.activate()
+        block.reset()
+        used = dict(mock.take_used())
+        written = [mock.read_buffers(chain.writable) for chain in chains]
+        block.shutdown()
+        driver.close()
+    with open(path, "rb") as f:
+        return used, written, f.read()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    batch=st.lists(
+        st.tuples(
+            st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_GET_ID, 99]),
+            st.sampled_from([0, 1, SECTORS - 8, SECTORS - 1, SECTORS, 2**64 - 1]),
+            st.sampled_from([1, 511, 512, 1024, 4096]),
+            st.booleans(),
+            st.sampled_from([8, 512]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    readonly=st.booleans(),
+    direct=st.booleans(),
+)
+def test_the_simple_request_path_answers_as_the_general_one(
+    scratch: Scratch,
+    batch: list[tuple[int, int, int, bool, int]],
+    readonly: bool,
+    direct: bool,
+) -> None:
+    # Reads and writes of one buffer skip the general framing; whatever the request, the
+    # guest and the disk must see the same as through the general path.
+    outcomes = []
+    for simple in (True, False):
+        path = _fresh_disk(scratch)
+        outcomes.append(_run_three_buffer_requests(path, scratch, batch, readonly, direct, simple))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_linux_read_and_write_take_the_simple_path(scratch: Scratch) -> None:
+    path = _fresh_disk(scratch)
+    with GuestMemory([(0, 0x40000)]) as memory:
+        block = _open(path, scratch, False, queue_size=16)
+        taken: list[bool] = []
+        general = block._start_simple
+
+        def spy(*args: Any) -> bool:
+            taken.append(general(*args))
+            return taken[-1]
+
+        block._start_simple = spy  # type: ignore[method-assign]
+        driver = MockDriver(block, memory, sizes=[16])
+        mock = driver.queues[0]
+        read = mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 1)], [512, 1], indirect=True)
+        mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_OUT, 0, 2), b"\x11" * 512], [1])
+        driver.activate()
+        driver.wait_used(0, 2)
+        assert taken == [True, True]
+        assert memory.read(read.writable[0][0], 512) == DISK[512:1024]
+        block.shutdown()
+        driver.close()
+    with open(path, "rb") as f:
+        assert f.read()[1024:1536] == b"\x11" * 512
