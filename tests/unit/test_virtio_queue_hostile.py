@@ -14,7 +14,9 @@ from nubis.virtio.queue import (
     DESC,
     USED_ELEM,
     VIRTQ_DESC_F_WRITE,
+    Descriptor,
     DescriptorChain,
+    Queue,
     QueueError,
     vring_need_event,
 )
@@ -352,26 +354,38 @@ def test_three_entry_indirect_tables_read_as_the_general_walk_reads_them(
     with GuestMemory(REGIONS) as memory:
         mock = MockSplitQueue(memory, size, 0)
         queue = mock.create_queue()
-        if warm:
-            # A buffer popped from the other region first, so the cached region is not the
-            # table's.
-            mock.add_chain([], [16])
-            assert queue.pop_buffers(memory, writable=True) is not None
-        queue.validate(memory)
-        mock.write_descriptor(0, table_at, 48, 4, 0)
-        for index, desc in enumerate(entries):
-            # A table running past its region (0x3FE0) keeps only the entries inside it.
-            if memory.contains(table_at + DESC.size * index, DESC.size):
-                memory.write(table_at + DESC.size * index, DESC.pack(*desc))
+        _place_indirect_table(memory, mock, queue, table_at, list(entries), warm)
+        assert _outcome(queue._read_chain, memory) == _outcome(queue._walk_chain, memory)
 
-        def outcome(read: Callable[[GuestMemory, int], DescriptorChain]) -> object:
-            try:
-                chain = read(memory, 0)
-            except QueueError as exc:
-                return str(exc)
-            return (list(chain), chain.readable_count)
 
-        assert outcome(queue._read_chain) == outcome(queue._walk_chain)
+def _place_indirect_table(
+    memory: GuestMemory,
+    mock: MockSplitQueue,
+    queue: Queue,
+    table_at: int,
+    entries: list[tuple[int, int, int, int]],
+    warm: bool,
+) -> None:
+    """Make descriptor 0 name an indirect table of ``entries`` at ``table_at``."""
+    if warm:
+        # A buffer popped from the other region first, so the cached region is not the table's.
+        mock.add_chain([], [16])
+        assert queue.pop_buffers(memory, writable=True) is not None
+    queue.validate(memory)
+    mock.write_descriptor(0, table_at, DESC.size * len(entries), 4, 0)
+    for index, desc in enumerate(entries):
+        # A table running past its region keeps only the entries inside it.
+        if memory.contains(table_at + DESC.size * index, DESC.size):
+            memory.write(table_at + DESC.size * index, DESC.pack(*desc))
+
+
+def _outcome(read: Callable[[GuestMemory, int], DescriptorChain], memory: GuestMemory) -> object:
+    """The chain at head 0 as ``read`` reads it, or its error message."""
+    try:
+        chain = read(memory, 0)
+    except QueueError as exc:
+        return str(exc)
+    return (list(chain), chain.readable_count)
 
 
 @st.composite
@@ -423,25 +437,9 @@ def test_in_order_indirect_tables_read_as_the_general_walk_reads_them(
     with GuestMemory(REGIONS) as memory:
         mock = MockSplitQueue(memory, size, 0)
         queue = mock.create_queue()
-        if warm:
-            mock.add_chain([], [16])
-            assert queue.pop_buffers(memory, writable=True) is not None
-        queue.validate(memory)
-        mock.write_descriptor(0, table_at, DESC.size * count, 4, 0)
-        for index, desc in enumerate(entries):
-            # A table running past its region keeps only the entries inside it.
-            if memory.contains(table_at + DESC.size * index, DESC.size):
-                memory.write(table_at + DESC.size * index, DESC.pack(*desc))
-
-        def outcome(read: Callable[[GuestMemory, int], DescriptorChain]) -> object:
-            try:
-                chain = read(memory, 0)
-            except QueueError as exc:
-                return str(exc)
-            return (list(chain), chain.readable_count)
-
-        walked = outcome(queue._walk_chain)
-        assert outcome(queue._read_chain) == walked
+        _place_indirect_table(memory, mock, queue, table_at, entries, warm)
+        walked = _outcome(queue._walk_chain, memory)
+        assert _outcome(queue._read_chain, memory) == walked
         # The lean path (views of one direction) takes the same shortcut; it must agree too.
         for want in (0, VIRTQ_DESC_F_WRITE):
             try:
@@ -452,7 +450,9 @@ def test_in_order_indirect_tables_read_as_the_general_walk_reads_them(
             if isinstance(walked, str):
                 assert lean == "refused"
                 continue
-            chain, readable = walked  # type: ignore[misc]
+            assert isinstance(walked, tuple)
+            chain: list[Descriptor] = walked[0]
+            readable: int = walked[1]
             chosen = [d for d in (chain[readable:] if want else chain[:readable]) if d.len]
             assert lean == (
                 [memory.host_address(d.addr, d.len) for d in chosen],
