@@ -330,18 +330,24 @@ def test_the_request_shortcuts_answer_as_the_general_path(
     assert outcomes[0] == outcomes[1]
 
 
+def _record_verdicts(block: Block, shortcut: str) -> list[bool]:
+    """Make ``block``'s ``shortcut`` method append what it returns to the list returned."""
+    taken: list[bool] = []
+    general = getattr(block, shortcut)
+
+    def spy(*args: Any) -> bool:
+        taken.append(general(*args))
+        return taken[-1]
+
+    setattr(block, shortcut, spy)
+    return taken
+
+
 def test_a_linux_read_and_write_take_the_simple_path(scratch: Scratch) -> None:
     path = _fresh_disk(scratch)
     with GuestMemory([(0, 0x40000)]) as memory:
         block = _open(path, scratch, False, queue_size=16)
-        taken: list[bool] = []
-        general = block._start_simple
-
-        def spy(*args: Any) -> bool:
-            taken.append(general(*args))
-            return taken[-1]
-
-        block._start_simple = spy  # type: ignore[method-assign]
+        taken = _record_verdicts(block, "_start_simple")
         driver = MockDriver(block, memory, sizes=[16])
         mock = driver.queues[0]
         read = mock.add_chain([REQUEST_HEADER.pack(VIRTIO_BLK_T_IN, 0, 1)], [512, 1], indirect=True)
@@ -360,14 +366,7 @@ def test_a_linux_read_of_many_buffers_takes_the_scattered_path(scratch: Scratch)
     path = _fresh_disk(scratch)
     with GuestMemory([(0, 0x40000)]) as memory:
         block = _open(path, scratch, False, queue_size=16)
-        taken: list[bool] = []
-        general = block._start_scattered
-
-        def spy(*args: Any) -> bool:
-            taken.append(general(*args))
-            return taken[-1]
-
-        block._start_scattered = spy  # type: ignore[method-assign]
+        taken = _record_verdicts(block, "_start_scattered")
         driver = MockDriver(block, memory, sizes=[16])
         mock = driver.queues[0]
         # Buffers that do not touch (100-byte gaps), and buffers that do.

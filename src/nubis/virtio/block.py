@@ -801,9 +801,9 @@ class Block(QueueDevice):
         """
         count = len(chain.descriptors)
         if count == 3:
-            if self._start_simple(memory, chain.head_index, chain):
+            if self._start_simple(memory, chain):
                 return -1
-        elif count > 3 and self._start_scattered(memory, chain.head_index, chain):
+        elif count > 3 and self._start_scattered(memory, chain):
             return -1
         framing = split_request(chain)
         if framing is None:
@@ -838,7 +838,7 @@ class Block(QueueDevice):
         memory.slice(status_addr, 1)[0] = status
         return written + 1
 
-    def _start_simple(self, memory: GuestMemory, head: int, chain: DescriptorChain) -> bool:
+    def _start_simple(self, memory: GuestMemory, chain: DescriptorChain) -> bool:
         """Start the commonest request, if ``chain`` is one; True when it is in flight.
 
         Linux's virtio_blk frames a read or write of one buffer as header, data, status: one
@@ -872,19 +872,14 @@ class Block(QueueDevice):
         if sector + (length >> SECTOR_SHIFT) > self.capacity:
             return False
         offset = sector << SECTOR_SHIFT
-        addr = data.addr
-        fd = self._fd
-        if self._direct_fd >= 0 and not (offset | length | addr) & (self._direct_align - 1):
-            fd = self._direct_fd
-        self._inflight += 1
-        request = _IoRequest(head, memory, fd, [(addr, length)], offset, length, write, status.addr)
-        if self._aio is not None:
-            self._aio.pending.append(request)
-        else:
-            self._jobs.put(request)
+        segments = [(data.addr, length)]
+        fd = self._fd_for_bits(data.addr | offset | length)
+        self._enqueue(
+            _IoRequest(chain.head_index, memory, fd, segments, offset, length, write, status.addr)
+        )
         return True
 
-    def _start_scattered(self, memory: GuestMemory, head: int, chain: DescriptorChain) -> bool:
+    def _start_scattered(self, memory: GuestMemory, chain: DescriptorChain) -> bool:
         """Start a read or write of many buffers, if ``chain`` is one; True when in flight.
 
         A large request from Linux (up to 1 MiB in as many as 254 page-sized buffers) is
@@ -921,28 +916,20 @@ class Block(QueueDevice):
         length = sum(lens)
         if length & (SECTOR_SIZE - 1) or sector + (length >> SECTOR_SHIFT) > self.capacity:
             return False
+        offset = sector << SECTOR_SHIFT
         touching = list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
         if True not in touching:
             segments = list(zip(addrs, lens, strict=True))
-            bits = reduce(or_, addrs, 0) | reduce(or_, lens, 0)
+            fd = self._fd_for_bits(reduce(or_, addrs, offset | length) | reduce(or_, lens, 0))
         elif False not in touching:
             segments = [(addrs[0], length)]
-            bits = addrs[0]
+            fd = self._fd_for_bits(addrs[0] | offset | length)
         else:
             segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
-            bits = 0
-            for addr, size in segments:
-                bits |= addr | size
-        offset = sector << SECTOR_SHIFT
-        fd = self._fd
-        if self._direct_fd >= 0 and not (bits | offset | length) & (self._direct_align - 1):
-            fd = self._direct_fd
-        self._inflight += 1
-        request = _IoRequest(head, memory, fd, segments, offset, length, write, status.addr)
-        if self._aio is not None:
-            self._aio.pending.append(request)
-        else:
-            self._jobs.put(request)
+            fd = self._fd_for(segments, offset, length)
+        self._enqueue(
+            _IoRequest(chain.head_index, memory, fd, segments, offset, length, write, status.addr)
+        )
         return True
 
     def _submit(
@@ -974,9 +961,12 @@ class Block(QueueDevice):
             length = 0
         self._check_range(sector, length)
         offset = sector << SECTOR_SHIFT
-        fd = self._fd if self._direct_fd < 0 else self._fd_for(segments, offset, length)
+        fd = self._fd_for(segments, offset, length)
+        self._enqueue(_IoRequest(head, memory, fd, segments, offset, length, write, status_addr))
+
+    def _enqueue(self, request: _IoRequest) -> None:
+        """Put a checked read or write in flight: native AIO submits it, else an I/O thread."""
         self._inflight += 1
-        request = _IoRequest(head, memory, fd, segments, offset, length, write, status_addr)
         if self._aio is not None:
             self._aio.pending.append(request)
         else:
@@ -1014,12 +1004,17 @@ class Block(QueueDevice):
     def _fd_for(self, segments: Sequence[Segment], offset: int, length: int) -> int:
         if self._direct_fd < 0:
             return self._fd
-        # The alignment is a power of two: OR-ing every address and length together keeps any
-        # low bit that one of them sets.
         bits = offset | length
         for addr, size in segments:
             bits |= addr | size
-        return self._fd if bits & (self._direct_align - 1) else self._direct_fd
+        return self._fd_for_bits(bits)
+
+    def _fd_for_bits(self, bits: int) -> int:
+        """The O_DIRECT descriptor if ``bits`` (every offset, length and address of a request
+        OR-ed together) meets its alignment, a power of two; the buffered one otherwise."""
+        if self._direct_fd < 0 or bits & (self._direct_align - 1):
+            return self._fd
+        return self._direct_fd
 
     # --- native AIO (worker thread) -----------------------------------------------------------
 

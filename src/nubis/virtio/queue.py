@@ -137,9 +137,9 @@ class Descriptor(NamedTuple):
 #: Builds a Descriptor from an unpacked (addr, len, flags, next) tuple without a Python call.
 _new_descriptor = tuple.__new__
 
-#: The largest indirect table `Queue._read_indirect_run` takes; larger ones get the general walk.
+#: The largest indirect table `Queue._in_order_table` takes; larger ones get the general walk.
 RUN_MAX_ENTRIES = 1024
-# What `Queue._read_indirect_run` compares an in-order indirect table with: the links 1, 2, ...
+# What `Queue._in_order_table` compares an in-order indirect table with: the links 1, 2, ...
 # and the flags of readable and writable buffers that are not the last.
 _LINKS = list(range(1, RUN_MAX_ENTRIES))
 _READ_FLAGS = [VIRTQ_DESC_F_NEXT] * RUN_MAX_ENTRIES
@@ -499,11 +499,7 @@ class Queue:
         table_len = self.size
         unpack_from = DESC.unpack_from
         addr, length, flags, _next = unpack_from(table, head << 4)
-        if (
-            flags == VIRTQ_DESC_F_INDIRECT
-            and DESC.size < length <= min(table_len, RUN_MAX_ENTRIES) << 4
-            and not length & 15
-        ):
+        if flags == VIRTQ_DESC_F_INDIRECT:
             run = self._in_order_table(memory, addr, length)
             if run is not None:
                 entries, readable, start, base = run
@@ -585,7 +581,7 @@ class Queue:
                     chain = self._read_indirect3(memory, head, addr)
                     if chain is not None:
                         return chain
-            elif DESC.size < length <= min(self.size, RUN_MAX_ENTRIES) << 4 and not length & 15:
+            else:
                 chain = self._read_indirect_run(memory, head, addr, length)
                 if chain is not None:
                     return chain
@@ -737,9 +733,11 @@ class Queue:
 
         The table is copied once and both the checks and the buffers come from that copy, so a
         driver rewriting it meanwhile cannot slip a change past the checks. Whatever fails a
-        test goes to the general walk, which gives the precise verdict. The caller has checked
-        that the table has 2 to ``size`` entries, and at most `RUN_MAX_ENTRIES`.
+        test goes to the general walk, which gives the precise verdict; so does a table of one
+        entry, of more than ``size`` or `RUN_MAX_ENTRIES` entries, or not of whole entries.
         """
+        if not DESC.size < length <= min(self.size, RUN_MAX_ENTRIES) << 4 or length & 15:
+            return None
         start, span, base = self._region
         offset = addr - start
         if offset < 0 or offset + length > span:
