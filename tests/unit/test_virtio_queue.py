@@ -21,6 +21,7 @@ from nubis.virtio.queue import (
     Descriptor,
     Queue,
     QueueError,
+    TableChain,
     avail_ring_size,
     desc_table_size,
     used_ring_size,
@@ -436,6 +437,12 @@ def test_a_large_in_order_indirect_request_takes_the_shortcut(memory: GuestMemor
         assert shortcut is not None
         chain = queue.pop_descriptor_chain(memory)
         assert chain is not None
-        assert list(chain) == list(shortcut) == list(queue._walk_chain(memory, sent.head))
+        walked = list(queue._walk_chain(memory, sent.head))
+        # The table is kept as checked: a driver rewriting it afterwards changes nothing.
+        assert isinstance(chain, TableChain) and len(chain) == len(walked)
+        memory.write(table.addr, bytes(table.len))
+        assert list(chain) == list(shortcut) == walked
+        addrs, lens = chain.table.cast("Q")[::2].tolist(), chain.table.cast("I")[2::4].tolist()
+        assert list(zip(addrs, lens, strict=True)) == [(d.addr, d.len) for d in walked]
         assert chain.readable_count == shortcut.readable_count == len(readable)
         assert [(d.addr, d.len) for d in chain.writable()] == sent.writable

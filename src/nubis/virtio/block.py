@@ -268,6 +268,7 @@ class _IoRequest:
     """
 
     __slots__ = (
+        "columns",
         "done",
         "fd",
         "head",
@@ -304,6 +305,9 @@ class _IoRequest:
         # Native AIO only: bytes moved so far, and bytes asked for by the iocb in flight.
         self.done = 0
         self.piece = 0
+        # The segments' addresses and lengths as two columns, when the request found them
+        # so and checked that they lie in one memory region; None otherwise.
+        self.columns: tuple[Sequence[int], Sequence[int]] | None = None
 
 
 def _host_buffer(size: int) -> tuple[memoryview, int]:
@@ -362,13 +366,19 @@ class _NativeAio:
         elif not count:
             piece = 0  # a request of no data: the kernel moves nothing and completes it
         else:
-            addrs, lens = zip(*segments, strict=True)
-            region = memory.find_region(addrs[0])
-            if (
-                region is not None
-                and min(addrs) >= region.start
-                and max(addrs) + max(lens) <= region.end
-            ):
+            columns = request.columns if segments is request.segments else None
+            if columns is not None:
+                # Checked when the request was framed: every buffer lies in one region.
+                addrs, lens = columns
+                region = memory.find_region(addrs[0])
+            else:
+                addrs, lens = zip(*segments, strict=True)
+                region = memory.find_region(addrs[0])
+                if region is not None and (
+                    min(addrs) < region.start or max(addrs) + max(lens) > region.end
+                ):
+                    region = None
+            if region is not None:
                 # Every buffer in one region: the iovecs as columns, with C-level passes.
                 fields = [0] * (2 * count)
                 fields[::2] = map(add, addrs, repeat(region.host_address - region.start, count))
@@ -799,7 +809,7 @@ class Block(QueueDevice):
         Returns the bytes written to the chain when answered now, -1 when the request is in
         flight (it is published when it comes back).
         """
-        count = len(chain.descriptors)
+        count = len(chain)
         if count == 3:
             if self._start_simple(memory, chain):
                 return -1
@@ -890,36 +900,55 @@ class Block(QueueDevice):
         O_DIRECT alignment of what is left. Anything unusual, and any request that fails a
         check, returns False for the general path to answer.
         """
-        descriptors = chain.descriptors
-        header, status = descriptors[0], descriptors[-1]
+        table = chain.table
         readable = chain.readable_count
+        addrs: Sequence[int]
+        lens: Sequence[int]
+        if table is not None:
+            # Read from the table's columns; its buffers are non-empty and lie in one region.
+            last = (len(table) >> 4) - 1
+            quads, words = table.cast("Q"), table.cast("I")
+            header_addr, header_len = quads[0], words[2]
+            status_addr, status_len = quads[2 * last], words[4 * last + 2]
+            data: Sequence[tuple[int, ...]] = ()
+        else:
+            last = len(chain) - 1
+            descriptors = chain.descriptors
+            header_addr, header_len = descriptors[0][:2]
+            status_addr, status_len = descriptors[-1][:2]
+            data = descriptors[1:-1]
         if readable == 1:
             write = False
-        elif readable == len(descriptors) - 1:
+        elif readable == last:
             write = True
         else:
             return False
-        if header.len != REQUEST_HEADER.size or status.len != 1 or (write and self.readonly):
+        if header_len != REQUEST_HEADER.size or status_len != 1 or (write and self.readonly):
             return False
-        kind, _reserved, sector = REQUEST_HEADER.unpack(memory.read(header.addr, header.len))
+        kind, _reserved, sector = REQUEST_HEADER.unpack(memory.read(header_addr, header_len))
         if kind != (VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN):
             return False
-        addrs, lens, _flags, _links = zip(*descriptors[1:-1], strict=True)
-        region = memory.find_region(addrs[0])
-        if (
-            region is None
-            or not min(lens)
-            or min(addrs) < region.start
-            or max(addrs) + max(lens) > region.end
-        ):
-            return False
+        if table is not None:
+            addrs, lens = quads[2 : 2 * last : 2].tolist(), words[6 : 4 * last : 4].tolist()
+        else:
+            addrs, lens, _flags, _links = zip(*data, strict=True)
+            region = memory.find_region(addrs[0])
+            if (
+                region is None
+                or not min(lens)
+                or min(addrs) < region.start
+                or max(addrs) + max(lens) > region.end
+            ):
+                return False
         length = sum(lens)
         if length & (SECTOR_SIZE - 1) or sector + (length >> SECTOR_SHIFT) > self.capacity:
             return False
         offset = sector << SECTOR_SHIFT
         touching = list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
+        columns = None
         if True not in touching:
             segments = list(zip(addrs, lens, strict=True))
+            columns = addrs, lens
             fd = self._fd_for_bits(reduce(or_, addrs, offset | length) | reduce(or_, lens, 0))
         elif False not in touching:
             segments = [(addrs[0], length)]
@@ -927,9 +956,11 @@ class Block(QueueDevice):
         else:
             segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
             fd = self._fd_for(segments, offset, length)
-        self._enqueue(
-            _IoRequest(chain.head_index, memory, fd, segments, offset, length, write, status.addr)
+        request = _IoRequest(
+            chain.head_index, memory, fd, segments, offset, length, write, status_addr
         )
+        request.columns = columns
+        self._enqueue(request)
         return True
 
     def _submit(

@@ -156,6 +156,9 @@ class DescriptorChain:
 
     __slots__ = ("descriptors", "head_index", "readable_count")
 
+    #: The checked copy of an in-order indirect table the chain was read from (`TableChain`).
+    table: memoryview | None = None
+
     def __init__(self, head_index: int, descriptors: list[Descriptor], readable_count: int) -> None:
         """Wrap descriptors already checked by :meth:`Queue.pop_descriptor_chain`."""
         self.head_index = head_index
@@ -200,6 +203,46 @@ class DescriptorChain:
             f"DescriptorChain(head={self.head_index}, readable={self.readable()}, "
             f"writable={self.writable()})"
         )
+
+
+class TableChain(DescriptorChain):
+    """A chain whose indirect table the driver filled in order (see :meth:`Queue._in_order_table`).
+
+    It keeps the checked copy of the table, so that a device that reads its buffers as columns
+    (``table.cast("Q")[::2]`` the addresses, ``table.cast("I")[2::4]`` the lengths) never
+    builds a `Descriptor` per buffer; ``descriptors`` builds them on first use, for everyone
+    else.
+    """
+
+    __slots__ = ("_built", "table")
+
+    table: memoryview
+
+    def __init__(self, head_index: int, table: memoryview, readable_count: int) -> None:
+        """Wrap ``table``, a private copy already checked by :meth:`Queue._in_order_table`."""
+        self.head_index = head_index
+        self.table = table
+        self.readable_count = readable_count
+        self._built: list[Descriptor] | None = None
+
+    @property
+    def descriptors(self) -> list[Descriptor]:
+        """The buffer descriptors, built from the table the first time they are asked for."""
+        built = self._built
+        if built is None:
+            new = _new_descriptor
+            built = self._built = [
+                new(Descriptor, fields) for fields in DESC.iter_unpack(self.table)
+            ]
+        return built
+
+    @descriptors.setter
+    def descriptors(self, descriptors: list[Descriptor]) -> None:
+        self._built = descriptors
+
+    def __len__(self) -> int:
+        """The number of buffer descriptors in the chain."""
+        return len(self.table) >> 4
 
 
 def _views(memory: GuestMemory, descriptors: list[Descriptor]) -> list[memoryview]:
@@ -707,10 +750,7 @@ class Queue:
         if run is None:
             return None
         table, readable, _start, _base = run
-        new = _new_descriptor
-        return DescriptorChain(
-            head, [new(Descriptor, fields) for fields in DESC.iter_unpack(table)], readable
-        )
+        return TableChain(head, table, readable)
 
     def _in_order_table(
         self, memory: GuestMemory, addr: int, length: int
