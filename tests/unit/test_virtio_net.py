@@ -494,6 +494,31 @@ def test_host_side_down_and_up_follow_the_link(
         driver.close()
 
 
+def test_a_tap_down_before_activation_puts_the_link_down_and_a_reset_keeps_up_with_it(
+    memory: GuestMemory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    backend = SwitchableBackend([pair[0].fileno()])
+    backend.up = False
+    net = Net(backend, mac=MAC)
+    driver = MockDriver(net, memory)
+    try:
+        activate(driver, BASIC | 1 << VIRTIO_NET_F_STATUS)
+        driver.interrupt.wait_until(lambda: not net.link_up)
+        assert not CONFIG.unpack(net.config_bytes())[1] & VIRTIO_NET_S_LINK_UP
+        # The tap comes up while the driver resets the device: the next activation finds it.
+        net.reset()
+        backend.up = True
+        activate(driver, BASIC | 1 << VIRTIO_NET_F_STATUS)
+        driver.interrupt.wait_until(lambda: net.link_up)
+        driver.queues[0].add_chain(writable=[2048])
+        driver.notify(0)
+        pair[1].send(header() + b"f" * 60)
+        driver.wait_used(0, 1)
+    finally:
+        net.shutdown()
+        driver.close()
+
+
 def _queue_interrupts(driver: MockDriver, index: int) -> int:
     return driver.interrupt.events.count((InterruptKind.QUEUE, index))
 

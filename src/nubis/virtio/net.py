@@ -371,9 +371,16 @@ class Net(QueueDevice):
             return
         stop = threading.Event()
         fd = self._link_fd
+        # The state to compare with is taken now, not when the thread first runs: a change
+        # between activation and the thread's start would otherwise go unnoticed. A link that
+        # disagrees with the tap already (down before activation, or up again since a reset)
+        # is set right by the worker, as after a change.
+        last = is_up()
+        if last != self.link_up:
+            os.eventfd_write(fd, 1)
 
         def watch() -> None:
-            last = is_up()
+            nonlocal last
             while not stop.wait(self._LINK_POLL_SECONDS):
                 now = is_up()
                 if now != last:
