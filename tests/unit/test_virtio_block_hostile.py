@@ -28,11 +28,13 @@ from nubis.virtio.block import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     Block,
     has_async_direct_io,
+    second_byte_mask,
     split_request,
     split_request_anyhow,
+    table_aligned,
 )
 from nubis.virtio.mock import MockDriver
-from nubis.virtio.queue import VIRTQ_DESC_F_WRITE, Descriptor, DescriptorChain
+from nubis.virtio.queue import DESC, VIRTQ_DESC_F_WRITE, Descriptor, DescriptorChain
 
 SECTORS = 64
 DISK = bytes(range(256)) * (SECTORS * 2)
@@ -237,6 +239,37 @@ def test_a_valid_request_still_works_after_hostile_ones(scratch: Scratch, direct
         assert memory.read(ok.writable[0][0], 512) == DISK[512:1024]
         block.shutdown()
         driver.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    buffers=st.lists(
+        st.tuples(
+            st.one_of(
+                st.integers(0, 2**64 - 1).map(lambda addr: addr & ~0xFFF),
+                st.integers(0, 2**64 - 1).map(lambda addr: addr & ~0x1FF),
+                st.integers(0, 2**64 - 1),
+            ),
+            st.one_of(st.sampled_from([512, 4096, 65536, 512 * 3]), st.integers(0, 2**32 - 1)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    bits=st.sampled_from([0, 512, 4096, 1 << 20, 1, 256]),
+    align=st.sampled_from([512, 1024, 4096, 65536, 1 << 17]),
+)
+def test_table_alignment_read_from_bytes_is_the_plain_rule(
+    buffers: list[tuple[int, int]], bits: int, align: int
+) -> None:
+    # Header and status entries around the data buffers, with bits that must not count.
+    entries = [(0x1001, 16, 1, 1), *((a, n, 3, 0) for a, n in buffers), (0x2003, 1, 2, 0)]
+    table = memoryview(b"".join(DESC.pack(*entry) for entry in entries))
+    plain = bits
+    for addr, length in buffers:
+        plain |= addr | length
+    expected = align <= 1 << 16 and not plain & (align - 1)
+    last = len(entries) - 1
+    assert table_aligned(table, last, bits, align, second_byte_mask(align)) == expected
 
 
 @settings(max_examples=300, deadline=None)

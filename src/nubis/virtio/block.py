@@ -240,6 +240,31 @@ Segment = tuple[int, int]
 """A guest buffer: (guest address, length)."""
 
 
+def second_byte_mask(align: int) -> bytes:
+    """A ``bytes.translate`` table keeping the bits of a number's second byte that an
+    alignment of ``align`` (a power of two of at least 512) needs clear."""
+    return bytes(b & ((align >> 8) - 1) for b in range(256))
+
+
+def table_aligned(table: memoryview, last: int, bits: int, align: int, mask: bytes) -> bool:
+    """Whether the buffers of entries 1 to ``last - 1`` of an indirect table, and ``bits``,
+    meet an alignment of ``align``; ``mask`` is ``second_byte_mask(align)``.
+
+    The buffers are checked on the table's bytes rather than one number at a time: entry ``i``
+    holds its address at byte ``16 i`` and its length at ``16 i + 8``, both little endian, so
+    the bytes from 16 on in steps of 8 are the lowest byte of every address and length, and
+    those from 17 on the byte above. With an alignment of 512 to 64 KiB the lowest bytes must
+    all be zero, and the bytes above zero under the mask.
+    """
+    if bits & (align - 1) or align > 1 << 16:
+        return False
+    lowest = table[16 : 16 * last : 8].tobytes()
+    if lowest.count(0) != len(lowest):
+        return False
+    above = table[17 : 16 * last : 8].tobytes().translate(mask)
+    return above.count(0) == len(above)
+
+
 def _split(segments: Sequence[Segment], count: int) -> tuple[list[Segment], list[Segment]]:
     """Split ``segments`` after ``count`` bytes (fewer if they hold fewer)."""
     head: list[Segment] = []
@@ -547,6 +572,7 @@ class Block(QueueDevice):
             raise
         self.serial = ident.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         self.capacity = size >> SECTOR_SHIFT
+        self._align_mask = second_byte_mask(self._direct_align)
         self._seg_max = max(1, queue_size - 2)
         self._config = CONFIG.pack(
             self.capacity,
@@ -944,18 +970,29 @@ class Block(QueueDevice):
         if length & (SECTOR_SIZE - 1) or sector + (length >> SECTOR_SHIFT) > self.capacity:
             return False
         offset = sector << SECTOR_SHIFT
-        touching = list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
         columns = None
-        if True not in touching:
+        if table is not None and (
+            self._direct_fd < 0
+            or table_aligned(table, last, offset | length, self._direct_align, self._align_mask)
+        ):
+            # Every buffer meets the O_DIRECT alignment by itself (or the disk is buffered), so
+            # each is an iovec as it is, touching its neighbour or not: no merging needed.
             segments = list(zip(addrs, lens, strict=True))
             columns = addrs, lens
-            fd = self._fd_for_bits(reduce(or_, addrs, offset | length) | reduce(or_, lens, 0))
-        elif False not in touching:
-            segments = [(addrs[0], length)]
-            fd = self._fd_for_bits(addrs[0] | offset | length)
+            fd = self._fd if self._direct_fd < 0 else self._direct_fd
         else:
-            segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
-            fd = self._fd_for(segments, offset, length)
+            touching = list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
+            if True not in touching:
+                segments = list(zip(addrs, lens, strict=True))
+                columns = addrs, lens
+                bits = reduce(or_, addrs, offset | length) | reduce(or_, lens, 0)
+                fd = self._fd_for_bits(bits)
+            elif False not in touching:
+                segments = [(addrs[0], length)]
+                fd = self._fd_for_bits(addrs[0] | offset | length)
+            else:
+                segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
+                fd = self._fd_for(segments, offset, length)
         request = _IoRequest(
             chain.head_index, memory, fd, segments, offset, length, write, status_addr
         )
