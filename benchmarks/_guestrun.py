@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,7 +259,9 @@ def run_vmm(argv: list[str], timeout: float) -> GuestRun:
         elif words[:1] == ["BENCH-JSON"] and len(words) == 3:
             try:
                 run.reports[words[1]] = json.loads(gzip.decompress(base64.b64decode(words[2])))
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, EOFError, zlib.error) as exc:
+                # A line cut short or garbled on the serial port (the nested host loses
+                # characters now and then) fails this run, which is then tried again.
                 run.problems.append(f"the report of {words[1]} did not decode ({exc})")
             line = f"BENCH-JSON {words[1]} ({len(words[2])} bytes)"
         lines.append(line)
