@@ -835,7 +835,10 @@ class Block(QueueDevice):
         Returns the bytes written to the chain when answered now, -1 when the request is in
         flight (it is published when it comes back).
         """
-        count = len(chain)
+        table = chain.table
+        # Counted without a Python-level __len__; a chain kept as its table never has three
+        # entries (Queue._read_indirect3 reads those).
+        count = len(chain.descriptors) if table is None else len(table) >> 4
         if count == 3:
             if self._start_simple(memory, chain):
                 return -1
