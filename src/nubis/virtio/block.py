@@ -835,10 +835,7 @@ class Block(QueueDevice):
         Returns the bytes written to the chain when answered now, -1 when the request is in
         flight (it is published when it comes back).
         """
-        table = chain.table
-        # Counted without a Python-level __len__; a chain kept as its table never has three
-        # entries (Queue._read_indirect3 reads those).
-        count = len(chain.descriptors) if table is None else len(table) >> 4
+        count = len(chain)
         if count == 3:
             if self._start_simple(memory, chain):
                 return -1
@@ -930,22 +927,31 @@ class Block(QueueDevice):
         check, returns False for the general path to answer.
         """
         table = chain.table
-        readable = chain.readable_count
         addrs: Sequence[int]
         lens: Sequence[int]
         if table is not None:
-            # Read from the table's columns; its buffers are non-empty and lie in one region.
+            # Columns of the table, whose buffers Queue._in_order_table found non-empty and in
+            # one region.
             last = (len(table) >> 4) - 1
             quads, words = table.cast("Q"), table.cast("I")
             header_addr, header_len = quads[0], words[2]
             status_addr, status_len = quads[2 * last], words[4 * last + 2]
-            data: Sequence[tuple[int, ...]] = ()
+            addrs, lens = quads[2 : 2 * last : 2].tolist(), words[6 : 4 * last : 4].tolist()
         else:
-            last = len(chain) - 1
             descriptors = chain.descriptors
+            last = len(descriptors) - 1
             header_addr, header_len = descriptors[0][:2]
             status_addr, status_len = descriptors[-1][:2]
-            data = descriptors[1:-1]
+            addrs, lens, _flags, _links = zip(*descriptors[1:-1], strict=True)
+            region = memory.find_region(addrs[0])
+            if (
+                region is None
+                or not min(lens)
+                or min(addrs) < region.start
+                or max(addrs) + max(lens) > region.end
+            ):
+                return False
+        readable = chain.readable_count
         if readable == 1:
             write = False
         elif readable == last:
@@ -957,45 +963,29 @@ class Block(QueueDevice):
         kind, _reserved, sector = REQUEST_HEADER.unpack(memory.read(header_addr, header_len))
         if kind != (VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN):
             return False
-        if table is not None:
-            addrs, lens = quads[2 : 2 * last : 2].tolist(), words[6 : 4 * last : 4].tolist()
-        else:
-            addrs, lens, _flags, _links = zip(*data, strict=True)
-            region = memory.find_region(addrs[0])
-            if (
-                region is None
-                or not min(lens)
-                or min(addrs) < region.start
-                or max(addrs) + max(lens) > region.end
-            ):
-                return False
         length = sum(lens)
         if length & (SECTOR_SIZE - 1) or sector + (length >> SECTOR_SHIFT) > self.capacity:
             return False
         offset = sector << SECTOR_SHIFT
-        columns = None
-        if table is not None and (
+        # A table whose every buffer meets the O_DIRECT alignment by itself (or any table, on
+        # a buffered disk) needs no merging: each buffer is an iovec as it is.
+        aligned = table is not None and (
             self._direct_fd < 0
             or table_aligned(table, last, offset | length, self._direct_align, self._align_mask)
-        ):
-            # Every buffer meets the O_DIRECT alignment by itself (or the disk is buffered), so
-            # each is an iovec as it is, touching its neighbour or not: no merging needed.
+        )
+        touching = [] if aligned else list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
+        columns = None
+        if True not in touching:
             segments = list(zip(addrs, lens, strict=True))
             columns = addrs, lens
-            fd = self._fd if self._direct_fd < 0 else self._direct_fd
+            bits = 0 if aligned else reduce(or_, addrs, offset | length) | reduce(or_, lens, 0)
+            fd = self._fd_for_bits(bits)
+        elif False not in touching:
+            segments = [(addrs[0], length)]
+            fd = self._fd_for_bits(addrs[0] | offset | length)
         else:
-            touching = list(map(eq, map(add, addrs[:-1], lens[:-1]), addrs[1:]))
-            if True not in touching:
-                segments = list(zip(addrs, lens, strict=True))
-                columns = addrs, lens
-                bits = reduce(or_, addrs, offset | length) | reduce(or_, lens, 0)
-                fd = self._fd_for_bits(bits)
-            elif False not in touching:
-                segments = [(addrs[0], length)]
-                fd = self._fd_for_bits(addrs[0] | offset | length)
-            else:
-                segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
-                fd = self._fd_for(segments, offset, length)
+            segments = coalesce(memory, list(zip(addrs, lens, strict=True)))
+            fd = self._fd_for(segments, offset, length)
         request = _IoRequest(
             chain.head_index, memory, fd, segments, offset, length, write, status_addr
         )
