@@ -8,6 +8,8 @@ Each boot costs 30-40 s there, so every test boots once and checks several thing
   byte for byte after the guest powers off;
 * data the guest flushed (``sync /dev/vda``) that is on the host's disk image even though nubis
   is then killed with SIGKILL;
+* a ``direct=on`` disk on a loop block device (native AIO, requests that follow one another on
+  disk merged into one iocb): a burst of writeback and large O_DIRECT reads keep every byte;
 * a ``readonly=on`` disk that reads as the host file and refuses writes, a discarded disk whose
   image file gives its blocks back, and ``/dev/hwrng``;
 * the init's markers on hvc0, written by ``--console file=PATH``.
@@ -20,6 +22,7 @@ an image there (it then keeps the data, as discarding is only a hint).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -47,6 +50,8 @@ MIB = 1 << 20
 DIRECT_MIB = 64
 DATA_DISK_MIB = 80
 SYNC_MIB = 32
+LOOP_MIB = 40
+LOOP_DATA_MIB = 32
 RO_DISK_MIB = 8
 DISCARD_MIB = 32
 SHA256_RE = "[0-9a-f]{64}"
@@ -98,6 +103,46 @@ echo "image-after sha256=$(sha256sum "$img" | cut -c1-64)"
 rm -f "$img"
 exit "$status"
 """.replace("DISCARD_MIB", str(DISCARD_MIB))
+
+
+# Attaches a zeroed image on the testbed's /tmp to a loop device reached through a symbolic link,
+# runs the VMM (argv after the image, link, API socket and serial log paths) until the guest
+# hangs at its end, prints the device counters from the API, stops the VMM with SIGTERM and
+# prints its status and the hashes of the image's first LOOP_DATA_MIB MiB and of the rest.
+LOOP_DISK = r"""
+img=$1; link=$2; sock=$3; log=$4; shift 4
+py=$1
+truncate -s LOOP_MIBM "$img" || exit 92
+dev=$(losetup --find --show "$img") || { echo "wrapper: no loop device"; rm -f "$img"; exit 92; }
+ln -sf "$dev" "$link"
+cleanup() { losetup --detach "$dev"; rm -f "$img" "$link" "$sock"; }
+"$@" &
+vmm=$!
+n=0
+until grep -q NUBIS-HANG "$log" 2>/dev/null; do
+    if ! kill -0 "$vmm" 2>/dev/null; then
+        wait "$vmm"
+        echo "wrapper: the VMM exited with $? before the guest's end"
+        cleanup
+        exit 90
+    fi
+    n=$((n + 1))
+    if [ "$n" -gt 3000 ]; then
+        kill -KILL "$vmm"
+        echo "wrapper: the guest did not finish in time"
+        cleanup
+        exit 91
+    fi
+    sleep 0.1
+done
+echo "counters=$("$py" -m nubis.api.remote --api-socket "path=$sock" counters | tr -d '\n')"
+kill -TERM "$vmm"
+wait "$vmm"
+echo "vmm-status=$?"
+echo "image-data sha256=$(head -c $((LOOP_DATA_MIB * 1048576)) "$img" | sha256sum | cut -c1-64)"
+echo "image-rest sha256=$(tail -c +$((LOOP_DATA_MIB * 1048576 + 1)) "$img" | sha256sum | cut -c1-64)"
+cleanup
+""".replace("LOOP_DATA_MIB", str(LOOP_DATA_MIB)).replace("LOOP_MIB", str(LOOP_MIB))
 
 
 def wait_for_disks(*names: str) -> str:
@@ -233,6 +278,55 @@ def test_flushed_data_survives_sigkill_of_nubis(
     assert sha256_of(data, SYNC_MIB * MIB) == match.group(1), (
         "data the guest flushed is not on the image after nubis was killed"
     )
+
+
+@pytest.mark.timeout(TEST_TIMEOUT, func_only=True)
+def test_a_direct_disk_on_a_block_device_merges_requests_and_keeps_every_byte(
+    run_guest: RunGuest, guest_images: GuestImages, e2e_dir: Path
+) -> None:
+    name = uuid.uuid4().hex
+    image = f"/tmp/nubis-e2e-loop-{name}.img"  # the testbed's tmpfs, behind a loop device
+    link = f"/tmp/nubis-e2e-loop-{name}.dev"
+    socket = f"/tmp/nubis-e2e-loop-{name}.sock"  # a short path on a file system with sockets
+    size = LOOP_DATA_MIB * MIB
+    # Writeback of a buffered write sends runs of requests that follow one another; a 4 MiB
+    # O_DIRECT read is split by the guest into several requests in flight at once.
+    command = wait_for_disks("/dev/vda") + (
+        f"head -c {size} /dev/urandom >/tmp/data\n"
+        "h=$(sha256sum </tmp/data)\n"
+        'echo "written-sha256=${h%% *}"\n'
+        "dd if=/tmp/data of=/dev/vda bs=1M 2>/dev/null && sync /dev/vda && echo synced=yes\n"
+        f"h=$(dd if=/dev/vda bs=4M count={LOOP_DATA_MIB // 4} iflag=direct 2>/dev/null"
+        " | sha256sum)\n"
+        'echo "read-sha256=${h%% *}"\n'
+    )
+    cmdline = guest_images.cmdline(command, end="hang")
+    argv = nubis(
+        guest_images, cmdline, [f"path={link},direct=on,id=loop"],
+        "--api-socket", f"path={socket}",
+    )  # fmt: skip
+    wrapper = [image, link, socket, "{serial}", *argv]
+    run = run_guest(["sh", "-c", LOOP_DISK, "sh", *wrapper], BOOT_TIMEOUT)
+
+    assert "vmm-status=0" in run.output, f"nubis did not stop cleanly: {run.output}"
+    console = run.console
+    assert run.markers.module_failures == ()
+    assert guest_value(console, "synced") == "yes", "the guest's write or sync failed"
+    written = guest_value(console, "written-sha256", SHA256_RE)
+    assert guest_value(console, "read-sha256", SHA256_RE) == written, (
+        "the guest's O_DIRECT read-back differs from what it wrote"
+    )
+    assert f"image-data sha256={written}" in run.output, "the image differs from the guest's data"
+    zeroes = hashlib.sha256(bytes((LOOP_MIB - LOOP_DATA_MIB) * MIB)).hexdigest()
+    assert f"image-rest sha256={zeroes}" in run.output, "bytes past the guest's data changed"
+    line = re.search(r"^counters=(.*)$", run.output, re.MULTILINE)
+    assert line, f"the wrapper printed no counters: {run.output}"
+    counters = json.loads(line.group(1))["loop"]
+    assert counters["io_errors"] == 0
+    assert counters["write_bytes"] >= size and counters["read_bytes"] >= size
+    assert counters["flush_ops"] >= 1, "the guest's fsync sent no FLUSH"
+    # The disk went through native AIO, and requests shared iocbs.
+    assert counters["merged_requests"] > 0, counters
 
 
 @pytest.mark.timeout(TEST_TIMEOUT, func_only=True)

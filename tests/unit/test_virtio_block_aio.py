@@ -68,6 +68,10 @@ class FakeSyscall:
         self.held: list[bytes] = []
         self.reverse = False
         self.in_kernel = 0
+        #: The disk offsets of the iocbs whose completions were handed on, in the order handed.
+        self.handed_offsets: list[int] = []
+        #: Rewrites of the results of the next completions handed on, one each, in order.
+        self.rewrites: list[Callable[[int], int]] = []
 
     def __call__(self, number: int, a1: int, a2: int, a3: int, a4: int, a5: int) -> int:
         if number == aio.SYS_IO_SUBMIT:
@@ -115,6 +119,13 @@ class FakeSyscall:
             del self.held[: len(handed)]
             if self.reverse:
                 handed.reverse()
+            for i in range(min(len(handed), len(self.rewrites))):
+                data, obj, result, result2 = aio.IO_EVENT.unpack(handed[i])
+                rewritten = self.rewrites.pop(0)(result)
+                handed[i] = aio.IO_EVENT.pack(data, obj, rewritten, result2)
+            for event in handed:
+                iocb = ctypes.string_at(aio.IO_EVENT.unpack(event)[1], aio.IOCB.size)
+                self.handed_offsets.append(aio.IOCB.unpack(iocb)[8])
             ctypes.memmove(events, b"".join(handed), size * len(handed))
             self.log.append(("events", len(handed)))
             return len(handed)
@@ -168,7 +179,8 @@ def test_a_burst_goes_out_in_one_io_submit_on_the_direct_descriptor(
     rig: Rig, fake: FakeSyscall, disk: Path
 ) -> None:
     payloads = [os.urandom(4096) for _ in range(8)]
-    writes = [rig.add(VIRTIO_BLK_T_OUT, 8 * i, data) for i, data in enumerate(payloads)]
+    # Gaps between the writes, and reads that overlap: nothing for the device to merge.
+    writes = [rig.add(VIRTIO_BLK_T_OUT, 16 * i, data) for i, data in enumerate(payloads)]
     reads = [rig.add(VIRTIO_BLK_T_IN, 1000 + 8 * i, read_len=8192) for i in range(8)]
     rig.activate()
     rig.driver.wait_used(0, 16)
@@ -177,7 +189,7 @@ def test_a_burst_goes_out_in_one_io_submit_on_the_direct_descriptor(
     assert fake.submits == [(16, 16)]
     direct_fd = rig.block._direct_fd
     opcodes = [aio.IOCB_CMD_PWRITEV] * 8 + [aio.IOCB_CMD_PREADV] * 8
-    offsets = [8 * i * 512 for i in range(8)] + [(1000 + 8 * i) * 512 for i in range(8)]
+    offsets = [16 * i * 512 for i in range(8)] + [(1000 + 8 * i) * 512 for i in range(8)]
     assert fake.iocbs == [
         (direct_fd, opcode, 1, offset) for opcode, offset in zip(opcodes, offsets, strict=True)
     ]
@@ -187,12 +199,93 @@ def test_a_burst_goes_out_in_one_io_submit_on_the_direct_descriptor(
     assert all(rig.status(w) == VIRTIO_BLK_S_OK for w in writes)
     contents = disk.read_bytes()
     for i, data in enumerate(payloads):
-        assert contents[8 * i * 512 : (8 * i + 8) * 512] == data
+        assert contents[16 * i * 512 : (16 * i + 8) * 512] == data
     counters = rig.block.counters()
     assert counters["read_ops"] == 8 and counters["read_bytes"] == 8 * 8192
     assert counters["write_ops"] == 8 and counters["write_bytes"] == 8 * 4096
     # No I/O thread was started.
     assert not any(t.name.startswith(f"nubis-block:{disk}-io") for t in threading.enumerate())
+
+
+def test_requests_that_follow_one_another_on_disk_share_an_iocb(
+    rig: Rig, fake: FakeSyscall, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(block_module, "MERGE_MAX_BYTES", 3 * 4096)
+    # Five reads in a row on disk: two iocbs, as the cap allows three requests at most.
+    reads = [rig.add(VIRTIO_BLK_T_IN, 8 * i, read_len=4096) for i in range(5)]
+    # Two writes in a row, then a read that follows them on disk: no merging across directions.
+    payloads = [os.urandom(4096), os.urandom(4096)]
+    writes = [rig.add(VIRTIO_BLK_T_OUT, 100 + 8 * i, data) for i, data in enumerate(payloads)]
+    after = rig.add(VIRTIO_BLK_T_IN, 116, read_len=4096)
+    # Reads with gaps between them, and one that overlaps the one before: alone, each.
+    apart = [rig.add(VIRTIO_BLK_T_IN, sector, read_len=4096) for sector in (200, 300, 304)]
+    rig.activate()
+    rig.driver.wait_used(0, 11)
+    used = dict(rig.mock.take_used())
+    assert used == {
+        **{c.head: 4097 for c in [*reads, after, *apart]},
+        **{w.head: 1 for w in writes},
+    }
+    direct_fd = rig.block._direct_fd
+    read, write = aio.IOCB_CMD_PREADV, aio.IOCB_CMD_PWRITEV
+    assert fake.submits == [(7, 7)]
+    assert fake.iocbs == [
+        (direct_fd, read, 3, 0),
+        (direct_fd, read, 2, 24 * 512),
+        (direct_fd, write, 2, 100 * 512),
+        (direct_fd, read, 1, 116 * 512),
+        (direct_fd, read, 1, 200 * 512),
+        (direct_fd, read, 1, 300 * 512),
+        (direct_fd, read, 1, 304 * 512),
+    ]
+    sectors = [0, 8, 16, 24, 32, 116, 200, 300, 304]
+    for chain, sector in zip([*reads, after, *apart], sectors, strict=True):
+        assert rig.status(chain) == VIRTIO_BLK_S_OK
+        assert rig.data(chain) == _sector_data(sector, 4096)
+    assert all(rig.status(w) == VIRTIO_BLK_S_OK for w in writes)
+    assert disk.read_bytes()[100 * 512 : 116 * 512] == b"".join(payloads)
+    counters = rig.block.counters()
+    assert counters["read_ops"] == 9 and counters["read_bytes"] == 9 * 4096
+    assert counters["write_ops"] == 2 and counters["write_bytes"] == 2 * 4096
+    # Requests that rode in another's iocb: two and one of the reads, one of the writes.
+    assert counters["merged_requests"] == 4
+
+
+@pytest.mark.parametrize(
+    ("rewrites", "failures"),
+    [
+        ([lambda result: result - 4096 - 512], 0),  # the merged iocb moved less than asked
+        ([lambda result: -errno.EIO], 0),  # it failed, but each request alone succeeds
+        ([lambda result: -errno.EIO] * 2, 1),  # it failed, and so does one request alone
+    ],
+    ids=["short", "failed", "failed-alone-too"],
+)
+def test_a_merged_iocb_that_comes_back_short_or_failed_goes_again_request_by_request(
+    rig: Rig, fake: FakeSyscall, rewrites: list[Callable[[int], int]], failures: int
+) -> None:
+    fake.rewrites = list(rewrites)
+    chains = [rig.add(VIRTIO_BLK_T_IN, 40 + 8 * i, read_len=4096) for i in range(3)]
+    rig.activate()
+    rig.driver.wait_used(0, 3)
+    used = dict(rig.mock.take_used())
+    assert set(used) == {c.head for c in chains}
+    direct_fd, read = rig.block._direct_fd, aio.IOCB_CMD_PREADV
+    assert fake.iocbs == [
+        (direct_fd, read, 3, 40 * 512),
+        (direct_fd, read, 1, 40 * 512),
+        (direct_fd, read, 1, 48 * 512),
+        (direct_fd, read, 1, 56 * 512),
+    ]
+    failed = [c for c in chains if rig.status(c) != VIRTIO_BLK_S_OK]
+    assert len(failed) == failures
+    assert all(rig.status(c) == VIRTIO_BLK_S_IOERR and used[c.head] == 1 for c in failed)
+    for i, chain in enumerate(chains):
+        if chain not in failed:
+            assert used[chain.head] == 4097
+            assert rig.data(chain) == _sector_data(40 + 8 * i, 4096)
+    counters = rig.block.counters()
+    assert counters["io_errors"] == failures and counters["read_ops"] == 3 - failures
+    assert counters["merged_requests"] == 0
 
 
 def test_completions_are_matched_by_slot_whatever_their_order(rig: Rig, fake: FakeSyscall) -> None:
@@ -205,8 +298,11 @@ def test_completions_are_matched_by_slot_whatever_their_order(rig: Rig, fake: Fa
     fake.release.set()
     rig.kick_completions()
     rig.driver.wait_used(0, 6)
-    # Published in the order the completions came: the reverse of submission.
-    assert [head for head, _ in rig.mock.take_used()] == [c.head for c in reversed(chains)]
+    # Published in the order the completions were handed on (the reverse of the kernel's).
+    by_offset = {(16 * i + 1) * 512: chain.head for i, chain in enumerate(chains)}
+    assert len(fake.handed_offsets) == 6
+    expected = [by_offset[offset] for offset in fake.handed_offsets]
+    assert [head for head, _ in rig.mock.take_used()] == expected
     for i, chain in enumerate(chains):
         assert rig.status(chain) == VIRTIO_BLK_S_OK
         assert rig.data(chain) == _sector_data(16 * i + 1, 4096)
@@ -214,22 +310,31 @@ def test_completions_are_matched_by_slot_whatever_their_order(rig: Rig, fake: Fa
     assert rig.driver.interrupt.events.count((InterruptKind.QUEUE, 0)) == 1
 
 
-def test_a_short_submission_and_eagain_keep_the_rest_pending(rig: Rig, fake: FakeSyscall) -> None:
+@pytest.mark.parametrize("step", [16, 8], ids=["apart", "merged-in-pairs"])
+def test_a_short_submission_and_eagain_keep_the_rest_pending(
+    rig: Rig, fake: FakeSyscall, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    # Six reads; with a step of 8 sectors they follow one another and go out in pairs.
+    monkeypatch.setattr(block_module, "MERGE_MAX_BYTES", 2 * 4096)
+    iocbs = 6 if step == 16 else 3
     # The kernel takes one iocb, then has no room until that one completes.
     fake.script = [("take", 1), ("fail", errno.EAGAIN)]
-    chains = [rig.add(VIRTIO_BLK_T_IN, 8 * i, read_len=4096) for i in range(6)]
+    chains = [rig.add(VIRTIO_BLK_T_IN, step * i, read_len=4096) for i in range(6)]
     rig.activate()
     rig.driver.wait_used(0, 6)
     assert sorted(head for head, _ in rig.mock.take_used()) == sorted(c.head for c in chains)
     for i, chain in enumerate(chains):
         assert rig.status(chain) == VIRTIO_BLK_S_OK
-        assert rig.data(chain) == _sector_data(8 * i, 4096)
-    # The rest was offered again only after a completion freed room.
+        assert rig.data(chain) == _sector_data(step * i, 4096)
+    # The rest was offered again only after a completion freed room, merged as before.
     assert fake.log[:4] == [
-        ("submit", 6, 1),
-        ("submit", 5, -errno.EAGAIN),
+        ("submit", iocbs, 1),
+        ("submit", iocbs - 1, -errno.EAGAIN),
         ("events", 1),
-        ("submit", 5, 5),
+        ("submit", iocbs - 1, iocbs - 1),
+    ]
+    assert [offset for _, _, _, offset in fake.iocbs] == [
+        step * 512 * (6 // iocbs) * i for i in range(iocbs)
     ]
     assert rig.block.counters()["io_errors"] == 0
 
@@ -247,14 +352,14 @@ def test_a_refused_iocb_fails_alone(
 ) -> None:
     fake.script = [("fail", error)]
     first = rig.add(VIRTIO_BLK_T_IN, 8, read_len=4096)
-    second = rig.add(VIRTIO_BLK_T_IN, 16, read_len=4096)
+    second = rig.add(VIRTIO_BLK_T_IN, 24, read_len=4096)
     rig.activate()
     rig.driver.wait_used(0, 2)
     used = dict(rig.mock.take_used())
     assert set(used) == {first.head, second.head}
     assert rig.status(first) == first_status
     assert rig.status(second) == VIRTIO_BLK_S_OK
-    assert rig.data(second) == _sector_data(16, 4096)
+    assert rig.data(second) == _sector_data(24, 4096)
     if first_status == VIRTIO_BLK_S_OK:
         assert rig.data(first) == _sector_data(8, 4096)
         fds = sorted(fd for fd, _, _, _ in fake.iocbs)
@@ -276,7 +381,7 @@ def test_flush_waits_for_the_writes_before_it(
         real_fdatasync(fd)
 
     monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
-    writes = [rig.add(VIRTIO_BLK_T_OUT, 8 * i, os.urandom(4096)) for i in range(3)]
+    writes = [rig.add(VIRTIO_BLK_T_OUT, 16 * i, os.urandom(4096)) for i in range(3)]
     flush = rig.add(VIRTIO_BLK_T_FLUSH)
     later = rig.add(VIRTIO_BLK_T_IN, 64, read_len=4096)
     rig.activate()
@@ -304,7 +409,7 @@ def test_reset_and_shutdown_wait_for_requests_in_flight(
 ) -> None:
     rig = Rig(Block(disk, direct=True), memory)
     fake.release.clear()
-    chains = [rig.add(VIRTIO_BLK_T_IN, 8 * i, read_len=4096) for i in range(4)]
+    chains = [rig.add(VIRTIO_BLK_T_IN, 16 * i, read_len=4096) for i in range(4)]
     rig.activate()
     _poll(lambda: len(fake.held) == 4)
     returned: list[int] = []
