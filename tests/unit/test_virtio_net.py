@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,7 @@ from nubis.virtio.net import (
     FdBackend,
     Net,
 )
+from nubis.virtio.queue import Queue
 
 MAC = "52:54:00:12:34:56"
 BASIC = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_RING_INDIRECT_DESC
@@ -272,6 +274,47 @@ def test_mergeable_with_tso_waits_for_a_whole_ring_or_64k(
         driver.notify(0)
         driver.wait_used(0, 3)
         assert [length for _, length in rx.take_used()] == [1024, 1024, 964]
+    finally:
+        net.shutdown()
+        driver.close()
+
+
+@pytest.mark.parametrize("mergeable", [False, True], ids=["one-chain-per-frame", "mergeable"])
+def test_one_pass_over_the_ring_serves_several_frames(
+    memory: GuestMemory,
+    pair: tuple[socket.socket, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    mergeable: bool,
+) -> None:
+    passes: list[int] = []
+    real_pop = Queue.pop_buffers_into
+
+    def counting_pop(self: Queue, *args: Any, **kwargs: Any) -> list[int]:
+        heads = args[2]
+        before = len(heads)
+        rejected = real_pop(self, *args, **kwargs)
+        if len(heads) > before:
+            passes.append(len(heads) - before)  # a pass that took chains, and how many
+        return rejected
+
+    monkeypatch.setattr(Queue, "pop_buffers_into", counting_pop)
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory)
+    activate(driver, BASIC | (1 << VIRTIO_NET_F_MRG_RXBUF if mergeable else 0))
+    rx = driver.queues[0]
+    try:
+        chains = [rx.add_chain(writable=[2048]) for _ in range(32)]
+        driver.notify(0)
+        frames = [bytes([i]) * (100 + i) for i in range(8)]
+        for frame in frames:
+            pair[1].send(header() + frame)
+        driver.wait_used(0, 8)
+        used = rx.take_used()
+        assert used == [(c.head, 12 + len(f)) for c, f in zip(chains, frames, strict=False)]
+        for chain, frame in zip(chains, frames, strict=False):
+            assert rx.read_buffers(chain.writable)[12 : 12 + len(frame)] == frame
+        # The chains for all eight frames came from one pass, not one (or more) per frame.
+        assert passes == [16], passes
     finally:
         net.shutdown()
         driver.close()

@@ -527,6 +527,9 @@ class Net(QueueDevice):
 
     # --- receive ------------------------------------------------------------------------------
 
+    #: The fewest receive chains one refill asks the ring for.
+    _RX_REFILL = 16
+
     def _refill(self, pair: int) -> bool:
         """Pop receive chains until they hold a whole frame; False when there are too few."""
         memory = self.memory
@@ -540,8 +543,14 @@ class Net(QueueDevice):
         popped_bad = False
         while have < want:
             # As many chains as the frame needs if they are like the last one (one at a time
-            # without MRG_RXBUF); a wrong guess costs another round.
-            need = -(-(want - have) // self._rx_chain_guess) if mergeable else 1
+            # without MRG_RXBUF); a wrong guess costs another round. At least _RX_REFILL of
+            # them when the ring has that many: the frames after this one then find their
+            # buffers already stashed, and one pass over the ring serves several frames.
+            need = (
+                max(-(-(want - have) // self._rx_chain_guess), self._RX_REFILL)
+                if mergeable
+                else self._RX_REFILL
+            )
             before = len(heads)
             # Too small to hold even the header (5.1.6.3.1): given back unused.
             rejected = queue.pop_buffers_into(
