@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from nubis.memory import GuestMemory
+from nubis.virtio import block as block_module
 from nubis.virtio.block import (
     DISCARD_SEGMENT,
     REQUEST_HEADER,
@@ -299,9 +300,10 @@ def _run_requests(
     readonly: bool,
     direct: bool,
     shortcuts: bool,
+    counters: dict[str, int] | None = None,
 ) -> tuple[dict[int, int], list[bytes], bytes]:
     """Run header/data.../status requests; the used lengths, each chain's writable bytes and
-    the disk afterwards."""
+    the disk afterwards (and the device's counters into ``counters``, if given)."""
     with GuestMemory([(0, 0x40000)]) as memory:
         block = _open(path, scratch, direct, readonly=readonly, queue_size=64)
         if not shortcuts:
@@ -325,6 +327,8 @@ def _run_requests(
         block.reset()
         used = dict(mock.take_used())
         written = [mock.read_buffers(chain.writable) for chain in chains]
+        if counters is not None:
+            counters.update(block.counters())
         block.shutdown()
         driver.close()
     with open(path, "rb") as f:
@@ -422,6 +426,68 @@ def test_reads_and_writes_of_many_buffers_answer_as_the_general_path(
     # scattered shortcut (columns from the indirect table, iovecs from columns) must give the
     # guest and the disk what the general path gives.
     _assert_shortcuts_change_nothing(scratch, batch, readonly, direct, 4 * SECTORS)
+
+
+def _merged_by_model(batch: list[tuple[int, int, list[int], bool, int, bool]], cap: int) -> int:
+    """How many requests of ``batch``, all pending at once, ride in an earlier one's iocb."""
+    merged = 0
+    group_kind, group_end, group_bytes = None, -1, 0
+    for kind, sector, sizes, *_ in batch:
+        size = sum(sizes)
+        if kind == group_kind and sector * 512 == group_end and group_bytes + size <= cap:
+            merged += 1
+            group_bytes += size
+        else:
+            group_kind, group_bytes = kind, size
+        group_end = sector * 512 + size
+    return merged
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from([VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT]),
+            # Mostly right after the request before, as a sequential stream goes.
+            st.sampled_from([0, 0, 0, 8]),
+            st.lists(st.sampled_from([4096, 8192]), min_size=1, max_size=2),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    cap=st.sampled_from([4096, 8192, 16384, 1 << 20]),
+)
+def test_merged_iocbs_answer_as_requests_sent_one_by_one(
+    scratch: Scratch, requests: list[tuple[int, int, list[int], bool]], cap: int
+) -> None:
+    # Native AIO merges requests that continue one another on disk into one iocb. Whatever the
+    # mix of directions, gaps and sizes, the guest and the disk must see what they see with no
+    # merging, and exactly the requests the model says share an iocb must do so.
+    assert scratch.direct, "the scratch directory must support O_DIRECT for native AIO"
+    batch: list[tuple[int, int, list[int], bool, int, bool]] = []
+    cursor = 0
+    for kind, gap, sizes, indirect in requests:
+        sector = cursor + gap
+        batch.append((kind, sector, sizes, False, 4096, indirect))
+        cursor = sector + sum(sizes) // 512
+    outcomes = []
+    merged = []
+    for merge_max in (cap, 0):
+        saved = block_module.MERGE_MAX_BYTES
+        block_module.MERGE_MAX_BYTES = merge_max
+        counters: dict[str, int] = {}
+        try:
+            path = _fresh_disk(scratch, 8 * SECTORS)  # room for every request of the batch
+            outcomes.append(_run_requests(path, scratch, batch, False, True, True, counters))
+        finally:
+            block_module.MERGE_MAX_BYTES = saved
+        merged.append(counters["merged_requests"])
+    assert outcomes[0] == outcomes[1]
+    # Every request succeeded (its status byte, last of its writable bytes), so every one
+    # went to the kernel and the model counts them all.
+    assert all(written[-1] == VIRTIO_BLK_S_OK for written in outcomes[0][1])
+    assert merged == [_merged_by_model(batch, cap), 0]
 
 
 def _record_verdicts(block: Block, shortcut: str) -> list[bool]:
