@@ -392,6 +392,8 @@ class _NativeAio:
         completion instead of one per request. Only untouched requests of the same direction
         and descriptor merge, within `MERGE_MAX_BYTES` and the iovec limit.
         """
+        if request.done or request.solo:
+            return
         pending = self.pending
         fd, write = request.fd, request.write
         end = request.offset + request.length
@@ -515,7 +517,7 @@ class _NativeAio:
                     slot = free.pop()
                     slots.append(slot)
                     request = requests[slot] = pending.popleft()
-                    if pending and not request.done and not request.solo:
+                    if pending:
                         self._merge(request)
                     self._prepare(slot, request, memory)
                 count = len(slots)
@@ -1166,23 +1168,19 @@ class Block(QueueDevice):
             followers = request.followers
             if followers:
                 request.followers = None
+                group = [request, *followers]
                 if result == request.piece:
-                    request.done = request.length
-                    request.status = VIRTIO_BLK_S_OK
-                    done.append(request)
-                    for following in followers:
-                        following.done = following.length
-                        following.status = VIRTIO_BLK_S_OK
-                    done.extend(followers)
+                    for member in group:
+                        member.done = member.length
+                        member.status = VIRTIO_BLK_S_OK
+                    done.extend(group)
                     self._counters["merged_requests"] += len(followers)
                 else:
                     # Short or failed: each request goes again on its own and gets its own
                     # outcome (what moved already moves again, to the same place).
-                    request.solo = True
-                    aio.pending.append(request)
-                    for following in followers:
-                        following.solo = True
-                    aio.pending.extend(followers)
+                    for member in group:
+                        member.solo = True
+                    aio.pending.extend(group)
                 continue
             if result == request.piece:
                 request.done += result

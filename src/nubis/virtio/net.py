@@ -546,11 +546,8 @@ class Net(QueueDevice):
             # without MRG_RXBUF); a wrong guess costs another round. At least _RX_REFILL of
             # them when the ring has that many: the frames after this one then find their
             # buffers already stashed, and one pass over the ring serves several frames.
-            need = (
-                max(-(-(want - have) // self._rx_chain_guess), self._RX_REFILL)
-                if mergeable
-                else self._RX_REFILL
-            )
+            guess = -(-(want - have) // self._rx_chain_guess) if mergeable else 1
+            need = max(guess, self._RX_REFILL)
             before = len(heads)
             # Too small to hold even the header (5.1.6.3.1): given back unused.
             rejected = queue.pop_buffers_into(
