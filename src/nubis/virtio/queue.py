@@ -36,9 +36,8 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from itertools import accumulate, repeat
+from itertools import repeat
 
 from nubis._typing import NamedTuple
 from nubis.memory import GuestMemoryError
@@ -910,17 +909,32 @@ class Queue:
         """
         self.validate(memory)
         size = self.size
-        # The chains taken: up to the first whose running total reaches ``written``. Every one
-        # but the last is reported full (C-level passes: virtio-net spreads a 64 KiB frame
-        # over some 16 chains, for every frame it receives).
-        totals = list(accumulate(lengths))
-        taken = bisect_left(totals, written) + 1
-        if taken > len(totals):
+        # The chains taken: up to the first whose running total reaches ``written``, found by
+        # a walk that stops there (the list may hold many more chains than one frame fills).
+        # Every one but the last is reported full.
+        taken = total = 0
+        for length in lengths:
+            taken += 1
+            total += length
+            if total >= written:
+                break
+        else:
             raise QueueError(
-                f"{written} bytes written do not fit in the {len(totals)} chains offered"
+                f"{written} bytes written do not fit in the {len(lengths)} chains offered"
             )
         if taken > size:
             raise QueueError(f"{taken} used entries do not fit in a ring of {size}")
+        next_used = self.next_used
+        slot = next_used & (size - 1)
+        view = self._used_view
+        if taken == 1:
+            # One chain: the whole frame of a small packet, or of a large buffer.
+            head = heads[0]
+            if not 0 <= head < size:
+                raise QueueError(f"used entry names descriptor {head}, beyond queue size")
+            USED_ELEM.pack_into(view, RING_HEADER.size + USED_ELEM.size * slot, head, written)
+            self.next_used = (next_used + 1) & 0xFFFF
+            return 1
         chosen = heads[:taken]
         if min(chosen) < 0 or max(chosen) >= size:
             bad = next(head for head in chosen if not 0 <= head < size)
@@ -928,11 +942,8 @@ class Queue:
         fields = [0] * (2 * taken)
         fields[::2] = chosen
         fields[1::2] = lengths[:taken]
-        fields[-1] = written - (totals[taken - 2] if taken > 1 else 0)
-        next_used = self.next_used
-        slot = next_used & (size - 1)
+        fields[-1] = written - (total - lengths[taken - 1])
         first = size - slot  # elements that fit before the ring wraps
-        view = self._used_view
         if taken <= first:
             struct.pack_into(
                 f"<{2 * taken}I", view, RING_HEADER.size + USED_ELEM.size * slot, *fields
