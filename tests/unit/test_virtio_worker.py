@@ -101,6 +101,46 @@ def test_disabled_fd_is_not_polled() -> None:
     os.close(other)
 
 
+def test_an_edge_watched_eventfd_runs_once_per_write_burst_and_is_never_read() -> None:
+    # A queue's notify eventfd is watched edge-triggered: one callback for the writes before
+    # it, one more for a write during it, none while the counter merely stays non-zero (a
+    # level-triggered watch of an unread eventfd would call back forever), and the same after
+    # a pause and resume.
+    fd = _eventfd()
+    calls: list[int] = []
+    entered = threading.Event()
+    release = threading.Event()
+    called = threading.Semaphore(0)
+
+    def on_fd() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(timeout=30)
+        called.release()
+
+    worker = Worker("test", lambda exc: None)
+    worker.add_fd(fd, on_fd, edge=True)
+    worker.start()
+    for _ in range(3):
+        os.eventfd_write(fd, 1)
+    assert entered.wait(timeout=30)
+    os.eventfd_write(fd, 1)  # during the callback: reported again afterwards
+    release.set()
+    assert called.acquire(timeout=30) and called.acquire(timeout=30)
+    assert not called.acquire(timeout=0.3)  # the counter is still 4, and nothing calls back
+    worker.set_enabled(fd, False)
+    worker.set_enabled(fd, True)  # resuming reports the unread counter once, still edge-wise
+    assert called.acquire(timeout=30)
+    assert not called.acquire(timeout=0.3)
+    os.eventfd_write(fd, 1)
+    assert called.acquire(timeout=30)
+    worker.stop()
+    assert os.eventfd_read(fd) == 5  # nobody read it
+    assert calls == [0, 1, 2, 3]
+    os.close(fd)
+
+
 def test_callback_error_reaches_on_error_and_ends_the_thread() -> None:
     fd = _eventfd()
     errors: list[BaseException] = []

@@ -732,7 +732,9 @@ class Block(QueueDevice):
 
     def setup_worker(self, worker: Worker) -> None:
         """Watch the completion eventfd; set up native AIO or make sure the I/O threads run."""
-        worker.add_fd(self._done_fd, self._completions_ready)
+        # Edge-triggered: _completions_ready takes every completion there is, so the counter
+        # is never read on that path (see Worker.add_fd).
+        worker.add_fd(self._done_fd, self._completions_ready, edge=True)
         if self._native_aio and self._aio is None:
             depth = self._queue_max_sizes[0]
             try:
@@ -821,7 +823,6 @@ class Block(QueueDevice):
                 self.signal_used(index)
 
     def _completions_ready(self) -> None:
-        clear_eventfd(self._done_fd)
         self._done_signalled = False
         memory = self.memory
         if memory is None or self.failed:

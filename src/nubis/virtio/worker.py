@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 _log = getLogger(__name__)
 
 _READABLE = select.EPOLLIN
+# An eventfd that counts events (a queue's ioeventfd, an AIO completion eventfd) is watched
+# edge-triggered: epoll reports it once for every write after the last report, so its counter
+# never needs reading, and each wake-up saves the read(2) that would reset it. Its callback
+# must then take everything there is (a whole queue, every completion), since a write during
+# the callback is reported again but the counter itself says nothing.
+_EDGE = select.EPOLLIN | select.EPOLLET
 
 
 class Worker:
@@ -51,22 +57,32 @@ class Worker:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._stop_fd, _READABLE)
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._masks: dict[int, int] = {}
         self._thread: threading.Thread | None = None
         self._on_start: Callable[[], None] | None = None
         self._closed = False
 
-    def add_fd(self, fd: int, callback: Callable[[], None], *, enabled: bool = True) -> None:
-        """Run ``callback`` whenever ``fd`` is readable (while enabled)."""
+    def add_fd(
+        self, fd: int, callback: Callable[[], None], *, enabled: bool = True, edge: bool = False
+    ) -> None:
+        """Run ``callback`` whenever ``fd`` is readable (while enabled).
+
+        With ``edge``, for an eventfd whose counter nobody reads, ``callback`` runs once for the
+        writes made since it last ran (see `_EDGE`) instead of while the counter is not zero.
+        """
+        mask = _EDGE if edge else _READABLE
         self._callbacks[fd] = callback
-        self._epoll.register(fd, _READABLE if enabled else 0)
+        self._masks[fd] = mask
+        self._epoll.register(fd, mask if enabled else 0)
 
     def set_enabled(self, fd: int, enabled: bool) -> None:
         """Start or pause watching ``fd``, e.g. while a device has nowhere to put its input."""
         if fd in self._callbacks and not self._closed:
-            self._epoll.modify(fd, _READABLE if enabled else 0)
+            self._epoll.modify(fd, self._masks[fd] if enabled else 0)
 
     def remove_fd(self, fd: int) -> None:
         """Stop watching ``fd`` for good (it reached end of file, say)."""
+        self._masks.pop(fd, None)
         if self._callbacks.pop(fd, None) is not None and not self._closed:
             self._epoll.unregister(fd)
 
@@ -193,15 +209,19 @@ class QueueDevice:
             self.failed = False
             worker = Worker(f"nubis-{self.name}", self._worker_failed)
             for activated in self.queues:
-                worker.add_fd(activated.notify_fd, self._notify_callback(activated))
+                worker.add_fd(activated.notify_fd, self._notify_callback(activated), edge=True)
             self.setup_worker(worker)
             self._worker = worker
             worker.start(self._process_all)
 
     def _notify_callback(self, activated: ActivatedQueue) -> Callable[[], None]:
+        # The notify eventfd is watched edge-triggered and never read: queue_notified takes
+        # every available chain, and a notification during it is reported again.
+        index = activated.index
+        queue_notified = self.queue_notified
+
         def notified() -> None:
-            clear_eventfd(activated.notify_fd)
-            self.queue_notified(activated.index)
+            queue_notified(index)
 
         return notified
 
