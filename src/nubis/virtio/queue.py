@@ -570,11 +570,16 @@ class Queue:
             run = self._in_order_table(memory, addr, length)
             if run is not None:
                 entries, readable, start, base = run
-                every = list(DESC.iter_unpack(entries))
-                picked = every[readable:] if want else every[:readable]
+                # The wanted buffers' addresses and lengths as columns of the checked copy.
+                if want:
+                    addrs = entries.cast("Q")[2 * readable :: 2].tolist()
+                    sizes = entries.cast("I")[4 * readable + 2 :: 4].tolist()
+                else:
+                    addrs = entries.cast("Q")[: 2 * readable : 2].tolist()
+                    sizes = entries.cast("I")[2 : 4 * readable : 4].tolist()
                 return (
-                    [base[a - start : a - start + n] for a, n, _f, _x in picked],
-                    sum([n for _a, n, _f, _x in picked]),
+                    [base[a - start : a - start + n] for a, n in zip(addrs, sizes, strict=True)],
+                    sum(sizes),
                 )
         start, span, base = self._region
         views: list[memoryview] = []
