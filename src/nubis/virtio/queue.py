@@ -569,14 +569,12 @@ class Queue:
         if flags == VIRTQ_DESC_F_INDIRECT:
             run = self._in_order_table(memory, addr, length)
             if run is not None:
-                entries, readable, start, base = run
-                # The wanted buffers' addresses and lengths as columns of the checked copy.
+                _entries, readable, start, base, addrs, sizes = run
+                # The wanted buffers' addresses and lengths: columns of the checked copy.
                 if want:
-                    addrs = entries.cast("Q")[2 * readable :: 2].tolist()
-                    sizes = entries.cast("I")[4 * readable + 2 :: 4].tolist()
+                    del addrs[:readable], sizes[:readable]
                 else:
-                    addrs = entries.cast("Q")[: 2 * readable : 2].tolist()
-                    sizes = entries.cast("I")[2 : 4 * readable : 4].tolist()
+                    del addrs[readable:], sizes[readable:]
                 return (
                     [base[a - start : a - start + n] for a, n in zip(addrs, sizes, strict=True)],
                     sum(sizes),
@@ -778,14 +776,14 @@ class Queue:
         run = self._in_order_table(memory, addr, length)
         if run is None:
             return None
-        table, readable, _start, _base = run
-        return TableChain(head, table, readable)
+        return TableChain(head, run[0], run[1])
 
     def _in_order_table(
         self, memory: GuestMemory, addr: int, length: int
-    ) -> tuple[memoryview, int, int, memoryview] | None:
+    ) -> tuple[memoryview, int, int, memoryview, list[int], list[int]] | None:
         """A copy of the indirect table at ``addr`` if it is filled in order, with its count of
-        readable buffers and the start and view of the region its buffers lie in; else None.
+        readable buffers, the start and view of the region its buffers lie in and the buffers'
+        addresses and lengths as two new lists; else None.
 
         Linux fills an indirect table front to back: descriptor ``i`` links to ``i + 1``, the
         readable buffers come first and the last descriptor ends the chain. Large requests are
@@ -835,11 +833,11 @@ class Queue:
         del flags[-1]
         if flags != expected:
             return None
-        lengths = table.cast("I")[2::4]
-        addrs = table.cast("Q")[::2]
+        lengths = table.cast("I")[2::4].tolist()
+        addrs = table.cast("Q")[::2].tolist()
         if not min(lengths) or min(addrs) < start or max(addrs) + max(lengths) > start + span:
             return None
-        return table, readable, start, base
+        return table, readable, start, base, addrs, lengths
 
     def _slice_buffer(self, memory: GuestMemory, head: int, addr: int, length: int) -> memoryview:
         """A view of a buffer outside the cached region; it becomes the cached region."""
