@@ -36,6 +36,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from array import array
 from collections.abc import Iterator, Sequence
 from itertools import repeat
 
@@ -287,6 +288,8 @@ class Queue:
         self._avail_u16 = memoryview(b"").cast("H")
         self._used_u16 = memoryview(b"").cast("H")
         self._used_view = memoryview(b"")
+        # The used ring up to its last element as u32s: idx and flags, then id, len per element.
+        self._used_u32 = memoryview(b"").cast("I")
         # The guest RAM region the last buffer was found in: start, size and its view. Buffers
         # are sliced from it directly while they fall inside it (most do), saving a lookup.
         self._region: tuple[int, int, memoryview] = (0, 0, memoryview(b""))
@@ -310,6 +313,7 @@ class Queue:
         self._layout_memory = None
         self._desc_view = self._used_view = memoryview(b"")
         self._avail_u16 = self._used_u16 = memoryview(b"").cast("H")
+        self._used_u32 = memoryview(b"").cast("I")
         self._region = (0, 0, memoryview(b""))
 
     def validate(self, memory: GuestMemory) -> None:
@@ -344,6 +348,7 @@ class Queue:
         self._desc_view, avail_view, self._used_view = views
         self._avail_u16 = avail_view.cast("H")
         self._used_u16 = self._used_view.cast("H")
+        self._used_u32 = self._used_view[: RING_HEADER.size + USED_ELEM.size * size].cast("I")
         self._layout = layout
         self._layout_memory = memory
         self._region = (0, 0, memoryview(b""))
@@ -912,46 +917,63 @@ class Queue:
         """
         self.validate(memory)
         size = self.size
-        # The chains taken: up to the first whose running total reaches ``written``, found by
-        # a walk that stops there (the list may hold many more chains than one frame fills).
-        # Every one but the last is reported full.
-        taken = total = 0
-        for length in lengths:
-            taken += 1
-            total += length
-            if total >= written:
-                break
-        else:
-            raise QueueError(
-                f"{written} bytes written do not fit in the {len(lengths)} chains offered"
-            )
-        if taken > size:
-            raise QueueError(f"{taken} used entries do not fit in a ring of {size}")
+        if not lengths:
+            raise QueueError(f"{written} bytes written do not fit in the 0 chains offered")
+        first_length = lengths[0]
         next_used = self.next_used
         slot = next_used & (size - 1)
-        view = self._used_view
-        if taken == 1:
+        if written <= first_length:
             # One chain: the whole frame of a small packet, or of a large buffer.
             head = heads[0]
             if not 0 <= head < size:
                 raise QueueError(f"used entry names descriptor {head}, beyond queue size")
-            USED_ELEM.pack_into(view, RING_HEADER.size + USED_ELEM.size * slot, head, written)
+            USED_ELEM.pack_into(
+                self._used_view, RING_HEADER.size + USED_ELEM.size * slot, head, written
+            )
             self.next_used = (next_used + 1) & 0xFFFF
             return 1
+        # The chains taken: up to the first whose running total reaches ``written``. Chains
+        # of one size (Linux's receive buffers) give the count by a division, checked with a
+        # C-level count; otherwise a walk stops there (the list may hold many more chains than
+        # one frame fills). Every one but the last is reported full.
+        taken = -(-written // first_length) if first_length > 0 else 0
+        taken_lengths = lengths[:taken]
+        if taken and len(taken_lengths) == taken and taken_lengths.count(first_length) == taken:
+            total = first_length * taken
+        else:
+            taken = total = 0
+            for length in lengths:
+                taken += 1
+                total += length
+                if total >= written:
+                    break
+            else:
+                raise QueueError(
+                    f"{written} bytes written do not fit in the {len(lengths)} chains offered"
+                )
+            taken_lengths = lengths[:taken]
+        if taken > size:
+            raise QueueError(f"{taken} used entries do not fit in a ring of {size}")
         chosen = heads[:taken]
         if min(chosen) < 0 or max(chosen) >= size:
             bad = next(head for head in chosen if not 0 <= head < size)
             raise QueueError(f"used entry names descriptor {bad}, beyond queue size")
-        fields = [0] * (2 * taken)
-        fields[::2] = chosen
-        fields[1::2] = lengths[:taken]
-        fields[-1] = written - (total - lengths[taken - 1])
-        first = size - slot  # elements that fit before the ring wraps
-        if taken <= first:
-            struct.pack_into(
-                f"<{2 * taken}I", view, RING_HEADER.size + USED_ELEM.size * slot, *fields
-            )
+        last = written - (total - taken_lengths[-1])
+        if slot + taken <= size:
+            # Ids and lengths as two strided columns of the ring (u32 1 + 2 * slot is the
+            # id of element ``slot``), then the last length.
+            used = self._used_u32
+            end = 2 * (slot + taken)
+            used[1 + 2 * slot : 1 + end : 2] = array("I", chosen)
+            used[2 + 2 * slot : 2 + end : 2] = array("I", taken_lengths)
+            used[end] = last
         else:
+            first = size - slot  # elements that fit before the ring wraps
+            fields = [0] * (2 * taken)
+            fields[::2] = chosen
+            fields[1::2] = taken_lengths
+            fields[-1] = last
+            view = self._used_view
             struct.pack_into(
                 f"<{2 * first}I",
                 view,
