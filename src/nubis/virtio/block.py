@@ -110,7 +110,7 @@ from nubis.virtio.device import (
     VIRTIO_F_VERSION_1,
     DeviceType,
 )
-from nubis.virtio.queue import DescriptorChain, Queue
+from nubis.virtio.queue import DescriptorChain, Queue, TableChain
 from nubis.virtio.worker import QueueDevice, Worker, clear_eventfd
 
 if TYPE_CHECKING:
@@ -987,14 +987,14 @@ class Block(QueueDevice):
         table = chain.table
         addrs: Sequence[int]
         lens: Sequence[int]
-        if table is not None:
-            # Columns of the table, whose buffers Queue._in_order_table found non-empty and in
-            # one region.
-            last = (len(table) >> 4) - 1
-            quads, words = table.cast("Q"), table.cast("I")
-            header_addr, header_len = quads[0], words[2]
-            status_addr, status_len = quads[2 * last], words[4 * last + 2]
-            addrs, lens = quads[2 : 2 * last : 2].tolist(), words[6 : 4 * last : 4].tolist()
+        if isinstance(chain, TableChain):
+            # The columns Queue._in_order_table made while it found the buffers non-empty and
+            # in one region.
+            every_addr, every_len = chain.addrs, chain.lengths
+            last = len(every_addr) - 1
+            header_addr, header_len = every_addr[0], every_len[0]
+            status_addr, status_len = every_addr[last], every_len[last]
+            addrs, lens = every_addr[1:last], every_len[1:last]
         else:
             descriptors = chain.descriptors
             last = len(descriptors) - 1

@@ -214,14 +214,24 @@ class TableChain(DescriptorChain):
     else.
     """
 
-    __slots__ = ("_built", "table")
+    __slots__ = ("_built", "addrs", "lengths", "table")
 
     table: memoryview
 
-    def __init__(self, head_index: int, table: memoryview, readable_count: int) -> None:
-        """Wrap ``table``, a private copy already checked by :meth:`Queue._in_order_table`."""
+    def __init__(
+        self,
+        head_index: int,
+        table: memoryview,
+        readable_count: int,
+        addrs: list[int],
+        lengths: list[int],
+    ) -> None:
+        """Wrap ``table``, a private copy already checked by :meth:`Queue._in_order_table`,
+        and the columns of its addresses and lengths that the check made."""
         self.head_index = head_index
         self.table = table
+        self.addrs = addrs
+        self.lengths = lengths
         self.readable_count = readable_count
         self._built: list[Descriptor] | None = None
 
@@ -781,7 +791,8 @@ class Queue:
         run = self._in_order_table(memory, addr, length)
         if run is None:
             return None
-        return TableChain(head, run[0], run[1])
+        table, readable, _start, _base, addrs, lengths = run
+        return TableChain(head, table, readable, addrs, lengths)
 
     def _in_order_table(
         self, memory: GuestMemory, addr: int, length: int

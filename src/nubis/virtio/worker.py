@@ -17,6 +17,7 @@ nubis itself keeps running.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import threading
@@ -215,15 +216,8 @@ class QueueDevice:
             worker.start(self._process_all)
 
     def _notify_callback(self, activated: ActivatedQueue) -> Callable[[], None]:
-        # The notify eventfd is watched edge-triggered and never read: queue_notified takes
-        # every available chain, and a notification during it is reported again.
-        index = activated.index
-        queue_notified = self.queue_notified
-
-        def notified() -> None:
-            queue_notified(index)
-
-        return notified
+        # Edge-triggered, never read: queue_notified takes every available chain.
+        return functools.partial(self.queue_notified, activated.index)
 
     def _process_all(self) -> None:
         for activated in self.queues:
