@@ -6,6 +6,7 @@ legacy devices on the port bus, vCPU threads, and the exit statuses of the lifec
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,12 @@ def test_guest_reset_with_no_reboot_exits_3_and_serial_reaches_stdout(tmp_path: 
     )
     assert result.returncode == EXIT_GUEST_RESET, result.stderr
     assert result.stdout == b"hello from the guest\n"
+    # Where the guest was is logged: the code ends in ud2 right after loading an empty IDT.
+    err = result.stderr.decode()
+    assert "the guest triple-faulted; with --no-reboot that ends nubis" in err
+    (registers,) = re.findall(r"vCPU 0: the guest triple-faulted; registers: (.*)", err)
+    assert re.search(r"\bidt=0x0\+0x0\b", registers), registers
+    assert re.search(r"\bcr2=0x[0-9a-f]+\b", registers), registers
 
 
 def test_serial_to_file(tmp_path: Path) -> None:

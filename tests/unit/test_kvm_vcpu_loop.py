@@ -180,7 +180,7 @@ def test_unmapped_reads_return_all_ones() -> None:
     [
         (system_event(1), GuestPowerOff(3)),
         (system_event(2), GuestReset(3, "the guest requested a reset")),
-        (Shutdown(), GuestReset(3, "the guest triple-faulted")),
+        (Shutdown(), GuestReset(3, "the guest triple-faulted", "rip=0x1000")),
         (Hlt(), GuestHalted(3)),
     ],
 )

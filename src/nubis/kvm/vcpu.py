@@ -371,7 +371,8 @@ class VcpuFd:
         )
         return (
             f"{gprs} cs={sregs.cs.selector:#x}:{sregs.cs.base:#x} cr0={sregs.cr0:#x} "
-            f"cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} efer={sregs.efer:#x}"
+            f"cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} efer={sregs.efer:#x} "
+            f"idt={sregs.idt.base:#x}+{sregs.idt.limit:#x} gdt={sregs.gdt.base:#x}+{sregs.gdt.limit:#x}"
         )
 
 

@@ -509,6 +509,12 @@ class Machine:
         if isinstance(event, GuestPowerOff):
             self._request_exit(MachineExit(ExitKind.POWER_OFF))
         elif isinstance(event, GuestReset):
+            if event.registers:
+                # A triple fault is a guest crash unless the guest meant it (some reboot that
+                # way); where it happened is all there is to go on.
+                _log.warning(
+                    "vCPU %d: %s; registers: %s", event.vcpu_id, event.reason, event.registers
+                )
             self._request_exit(MachineExit(ExitKind.RESET, event.reason))
         elif isinstance(event, VcpuFailure):
             self._request_exit(MachineExit(ExitKind.FAILURE, f"{event.message}\n{event.registers}"))

@@ -131,15 +131,21 @@ class GuestPowerOff(VcpuEvent):
 
 
 class GuestReset(VcpuEvent):
-    """The guest asked for a reset (system event RESET) or triple-faulted; ``reason`` says which."""
+    """The guest asked for a reset (system event RESET) or triple-faulted; ``reason`` says which.
 
-    __slots__ = ("reason",)
+    After a triple fault ``registers`` is the vCPU's register dump, where the guest was when it
+    could not even deliver a double fault; it is empty for a reset the guest asked for.
+    """
+
+    __slots__ = ("reason", "registers")
 
     reason: str
+    registers: str
 
-    def __init__(self, vcpu_id: int, reason: str) -> None:
+    def __init__(self, vcpu_id: int, reason: str, registers: str = "") -> None:
         super().__init__(vcpu_id)
         object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "registers", registers)
 
 
 class GuestHalted(VcpuEvent):
@@ -382,7 +388,7 @@ class Vcpu:
                 self.fd.register_dump(),
             )
         if isinstance(exit_, Shutdown):
-            return GuestReset(vcpu, "the guest triple-faulted")
+            return GuestReset(vcpu, "the guest triple-faulted", self.fd.register_dump())
         if exit_.reason == ExitReason.IOAPIC_EOI:
             # The guest ended a level-triggered IOAPIC interrupt. The userspace IOAPIC treats
             # every line as an edge (``nubis.devices.ioapic``), so there is nothing to clear.
