@@ -164,6 +164,41 @@ def test_reading_iir_clears_thre_until_next_write(uart: Uart) -> None:
     assert uart.out.getvalue() == b"x"
 
 
+def test_a_transmit_burst_raises_the_line_once(uart: Uart) -> None:
+    """Linux's 8250 handler reads IIR, then fills the 16-byte FIFO: one edge, not sixteen."""
+    uart.outb(FCR, 0x07)
+    uart.outb(IER, 0x02)  # start_tx: THR is empty, so the line rises
+    assert uart.irq.count == 1
+    for burst in (b"0123456789abcdef", b"ghijklmnopqrstuv"):
+        assert uart.inb(IIR) == 0xC2  # the handler's IIR read drops the line
+        for byte in burst:
+            uart.outb(THR, byte)
+        assert uart.inb(LSR) == 0x60
+    assert uart.irq.count == 3  # one rise per burst
+    assert uart.inb(IIR) == 0xC2
+    uart.outb(IER, 0)  # stop_tx with nothing left to send
+    assert uart.inb(IIR) == 0xC1
+    assert uart.irq.count == 3
+    assert uart.out.getvalue() == b"0123456789abcdefghijklmnopqrstuv"
+
+
+def test_a_condition_that_arrives_while_the_line_is_high_sends_no_edge(uart: Uart) -> None:
+    uart.outb(FCR, 0x01)
+    uart.outb(IER, 0x01)
+    uart.dev.enqueue_input(b"a")
+    assert uart.irq.count == 1
+    uart.outb(IER, 0x03)  # THR empty as well: the line was already high
+    uart.dev.enqueue_input(b"b")
+    assert uart.irq.count == 1
+    assert uart.inb(IIR) == 0xC4
+    assert uart.inb(RBR) == ord("a")
+    assert uart.inb(RBR) == ord("b")
+    assert uart.inb(IIR) == 0xC2  # THR empty is still pending: the line never fell
+    assert uart.irq.count == 1
+    uart.outb(THR, ord("x"))  # the line fell at the IIR read; THR empty raises it again
+    assert uart.irq.count == 2
+
+
 def test_iir_without_fifo_has_no_high_bits(uart: Uart) -> None:
     uart.outb(IER, 0x02)
     assert uart.inb(IIR) == 0x02
@@ -336,3 +371,37 @@ def test_random_register_traffic_keeps_invariants(ops: list[tuple[int, int, bool
         assert iir & 0x0F in (0x00, 0x01, 0x02, 0x04, 0x06)
         assert iir & 0x30 == 0
         uart.outb(LCR, lcr)
+
+
+def _line(uart: Uart) -> bool:
+    """The interrupt output's level, read without an access's side effects."""
+    return uart.dev._pending().value != 0x01
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("in"), st.integers(0, 7)),
+            st.tuples(st.just("out"), st.integers(0, 7), st.integers(0, 255)),
+            st.tuples(st.just("input"), st.binary(min_size=1, max_size=4)),
+        ),
+        max_size=80,
+    )
+)
+def test_an_interrupt_is_sent_exactly_on_each_rise_of_the_line(ops: list[tuple]) -> None:
+    """A model of the edge-triggered ISA line: one interrupt per low-to-high change of IIR."""
+    uart = Uart()
+    rises = 0
+    line = _line(uart)
+    for op in ops:
+        if op[0] == "in":
+            uart.inb(op[1])
+        elif op[0] == "out":
+            uart.outb(op[1], op[2])
+        else:
+            uart.dev.enqueue_input(op[1])
+        now = _line(uart)
+        rises += now and not line
+        line = now
+        assert uart.irq.count == rises

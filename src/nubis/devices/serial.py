@@ -10,11 +10,17 @@ leave through an injected `Trigger` (an irqfd on IRQ 4 in a VM). Transmission is
 a byte written to THR reaches the writer at once, so THR and the transmitter are always empty
 (LSR THRE and TEMT stay set) and the "THR empty" interrupt is raised again after every byte.
 
-Interrupts are edges. One is sent when an enabled condition is raised: received data arrives,
-THR becomes empty, an overrun happens, a modem status line changes, or IER is written to enable
-a condition that is already present. The last case is what Linux's 8250 driver relies on: it
-starts transmitting by setting IER.ETBEI and expects an interrupt because THR is empty, and its
-start-up test reads IIR right after enabling ETBEI and expects 0xC2 ("THR empty").
+The UART's interrupt output is a level: high while IIR reports an enabled condition (received
+data, THR empty, an overrun, a modem status change), low otherwise. COM1's IRQ 4 is an
+edge-triggered ISA line, so what reaches the interrupt controller is the rising edge: `Trigger`
+fires when the level goes from low to high, after whichever access or input raised it, and not
+again while it stays high. That is how a PC's interrupt controller sees a real 16550 (and what
+QEMU's model does), and what Linux's 8250 driver is written for: its handler loops until IIR
+says "no interrupt", and when it fills the transmit FIFO after reading IIR, the byte that makes
+THR "empty" again raises the line once, not once per byte. Enabling in IER a condition that is
+already present raises the line too: Linux starts transmitting by setting IER.ETBEI and
+expects an interrupt because THR is empty, and its start-up test reads IIR right after enabling
+ETBEI and expects 0xC2 ("THR empty").
 
 Enough of loopback mode (MCR bit 4) is modelled for the 8250 driver's autoconfiguration: the
 modem control outputs are wired back to the modem status inputs (DTR to DSR, RTS to CTS, OUT1
@@ -175,6 +181,7 @@ class Serial16550:
         self._overrun = False
         self._thr_interrupt = False  # the THR-empty condition, cleared by reading IIR or THR
         self._msr = int(_MSR_CONNECTED)
+        self._line = False  # the interrupt output's level, as of the last access
 
     def __repr__(self) -> str:
         return f"Serial16550(ier={self._ier:#x}, lcr={self._lcr:#x}, mcr={self._mcr:#x})"
@@ -200,8 +207,7 @@ class Serial16550:
             if accepted <= 0:
                 return 0
             self._rx.extend(data[:accepted])
-            if self._ier & Ier.RDI:
-                self._interrupt.trigger()
+            self._update_line()
             return accepted
 
     # --- bus side -------------------------------------------------------------------------
@@ -211,14 +217,23 @@ class Serial16550:
         with self._lock:
             for index in range(len(data)):
                 data[index] = self._read_register(offset + index)
+            self._update_line()
 
     def write(self, base: int, offset: int, data: memoryview) -> None:
         """Write register(s) starting at ``offset``; wider accesses write successive registers."""
         with self._lock:
             for index, value in enumerate(data):
                 self._write_register(offset + index, value)
+            self._update_line()
 
     # --- register model (called with the lock held) ------------------------------------------
+
+    def _update_line(self) -> None:
+        """Recompute the interrupt output and send an edge if it rose."""
+        line = self._pending() is not Iir.NO_INTERRUPT
+        if line and not self._line:
+            self._interrupt.trigger()
+        self._line = line
 
     def _capacity(self) -> int:
         return FIFO_SIZE if self._fifo_enabled else 1
@@ -303,8 +318,6 @@ class Serial16550:
                 self._rx.append(value)
             else:
                 self._overrun = True
-            if self._ier & Ier.RDI:
-                self._interrupt.trigger()
         elif self._output is not None:
             try:
                 self._output.write(_BYTES[value])
@@ -313,22 +326,12 @@ class Serial16550:
                 _log.warning("serial output failed, dropping a byte: %s", error)
         # The byte left at once: THR is empty again.
         self._thr_interrupt = True
-        if self._ier & Ier.THRI:
-            self._interrupt.trigger()
 
     def _write_ier(self, ier: int) -> None:
         enabled = ier & ~self._ier
         self._ier = ier
         if enabled & Ier.THRI:
             self._thr_interrupt = True  # THR is always empty
-        raise_now = (
-            (enabled & Ier.THRI)
-            or (enabled & Ier.RDI and self._rx)
-            or (enabled & Ier.RLSI and self._overrun)
-            or (enabled & Ier.MSI and self._msr & _MSR_DELTAS)
-        )
-        if raise_now:
-            self._interrupt.trigger()
 
     def _write_fcr(self, value: int) -> None:
         enable = bool(value & Fcr.ENABLE)
@@ -366,5 +369,3 @@ class Serial16550:
             deltas |= Msr.TRAILING_RI
         had_deltas = self._msr & _MSR_DELTAS
         self._msr = lines | had_deltas | deltas
-        if deltas and not had_deltas and self._ier & Ier.MSI:
-            self._interrupt.trigger()
