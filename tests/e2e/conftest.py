@@ -59,7 +59,8 @@ LOG_LINES_SHOWN = 80
 #: software emulation of SVM, where an occasional boot fails for reasons outside the VMM under
 #: test (QEMU as the reference VMM shows it too, and L1 itself sometimes wedges); one rerun
 #: keeps that from failing the suite, while a failure that repeats still fails it. Reruns are
-#: reported ("R" and "rerun" in the summary), never silent.
+#: reported, never silent: the summary counts them, and `pytest_terminal_summary` prints each
+#: failed attempt's error with the guest consoles and L1 console it left.
 E2E_RERUNS = 1
 
 
@@ -120,6 +121,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(("L1 console log", _tail(session.console_log())))
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show what each e2e attempt that was run again left behind: its error and consoles.
+
+    A rerun that passes hides the first attempt's failure from the usual report, yet that
+    failure is the only evidence of why the attempt failed (a guest fault, a wedged L1).
+    """
+    reports = terminalreporter.stats.get("rerun", [])
+    attempts = [r for r in reports if r.when == "call" and r.sections]
+    if not attempts:
+        return
+    terminalreporter.write_sep("=", "e2e attempts that were run again")
+    for report in attempts:
+        terminalreporter.write_sep("-", f"{report.nodeid} (attempt {report.rerun + 1})")
+        error = str(report.longrepr or "").splitlines()
+        terminalreporter.write_line("\n".join(error[-LOG_LINES_SHOWN:]))
+        for name, text in report.sections:
+            if name.startswith(("guest", "VMM output", "L1 console")):
+                terminalreporter.write_sep("-", name)
+                terminalreporter.write_line(text)
+
+
 def _tail(text: str) -> str:
     return "\n".join(text.splitlines()[-LOG_LINES_SHOWN:]) or "(empty)"
 
@@ -154,6 +176,12 @@ def e2e_dir(testbed: TestbedSession, request: pytest.FixtureRequest) -> Path:
     """A fresh per-test directory under the testbed's work directory."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
     path = testbed.workdir / "e2e" / name
+    # A rerun's directory is fresh too; the previous attempt's files are kept beside it.
+    attempt = getattr(request.node, "execution_count", 1)
+    previous = path.with_name(f"{name}.attempt-{attempt - 1}")
+    shutil.rmtree(previous, ignore_errors=True)
+    if attempt > 1 and path.exists():
+        path.rename(previous)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
