@@ -134,8 +134,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_sep("=", "e2e attempts that were run again")
     for report in attempts:
         terminalreporter.write_sep("-", f"{report.nodeid} (attempt {report.rerun + 1})")
-        error = str(report.longrepr or "").splitlines()
-        terminalreporter.write_line("\n".join(error[-LOG_LINES_SHOWN:]))
+        terminalreporter.write_line(_tail(str(report.longrepr or "")))
         for name, text in report.sections:
             if name.startswith(("guest", "VMM output", "L1 console")):
                 terminalreporter.write_sep("-", name)
@@ -176,12 +175,12 @@ def e2e_dir(testbed: TestbedSession, request: pytest.FixtureRequest) -> Path:
     """A fresh per-test directory under the testbed's work directory."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
     path = testbed.workdir / "e2e" / name
-    # A rerun's directory is fresh too; the previous attempt's files are kept beside it.
     attempt = getattr(request.node, "execution_count", 1)
-    previous = path.with_name(f"{name}.attempt-{attempt - 1}")
-    shutil.rmtree(previous, ignore_errors=True)
     if attempt > 1 and path.exists():
-        path.rename(previous)
+        # A rerun starts fresh too; the failed attempt's files move aside, to be read later.
+        aside = path.with_name(f"{name}.attempt-{attempt - 1}")
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path

@@ -594,9 +594,10 @@ class Net(QueueDevice):
         This is nubis's hottest loop under receive load, so it works per frame, not per buffer,
         where it can: the views of the chains a frame may need are handed to one ``readv``, and
         the chains it filled are returned with one used-index update; one interrupt, if the
-        driver wants it, covers every frame moved here. (An interrupt check per frame, which
-        would let an idle guest start on a frame while the next is read, cut TCP throughput
-        to a fifth in the nested test host: interrupts reach a guest there at great cost.)
+        driver wants it, covers every frame moved here. (An interrupt check per frame, here and
+        on transmit, which would let an idle guest start on a frame while the next is read, cut
+        TCP throughput to between a tenth and a half in the nested test host: interrupts reach
+        a guest there at great cost.)
         """
         memory = self.memory
         if memory is None or self.failed or not self.link_up:
