@@ -185,3 +185,108 @@ def test_failures_raise_oserror_with_errno() -> None:
         assert info.value.errno == errno.EFAULT
     finally:
         context.destroy()
+
+
+def _ring_header(context: aio.AioContext) -> tuple[int, ...]:
+    raw = ctypes.string_at(context.handle, aio.AIO_RING.size)
+    return aio.AIO_RING.unpack(raw)
+
+
+def test_completions_are_read_from_the_ring_in_user_space_across_its_wrap(tmp_path: Path) -> None:
+    """take_events consumes what io_getevents would, in order, and the kernel sees it consumed.
+
+    Enough rounds go through the ring to wrap its indices more than once; each round's reads
+    land at known offsets of a file of known bytes.
+    """
+    data = bytes(range(256)) * 64
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    resfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    context = aio.AioContext(8)
+    try:
+        assert context.user_ring
+        _id, size, head, tail, magic, _compat, incompat, header_length = _ring_header(context)
+        assert (magic, incompat, header_length) == (aio.AIO_RING_MAGIC, 0, aio.AIO_RING.size)
+        assert head == tail == 0 and size >= 8
+        buffers = [ctypes.create_string_buffer(64) for _ in range(3)]
+        iovecs = [
+            ctypes.create_string_buffer(aio.IOVEC.pack(ctypes.addressof(b), 64)) for b in buffers
+        ]
+        scratch = ctypes.create_string_buffer(aio.IO_EVENT.size * 8)
+        rounds = 2 * size // 3 + 5
+        for round_ in range(rounds):
+            offsets = [(round_ * 3 + i) * 17 % (len(data) - 64) for i in range(3)]
+            iocbs = [
+                ctypes.create_string_buffer(
+                    aio.IOCB.pack(
+                        1000 * round_ + i,
+                        0,
+                        0,
+                        aio.IOCB_CMD_PREADV,
+                        0,
+                        fd,
+                        ctypes.addressof(iovecs[i]),
+                        1,
+                        offsets[i],
+                        0,
+                        aio.IOCB_FLAG_RESFD,
+                        resfd,
+                    )
+                )
+                for i in range(3)
+            ]
+            pointers = (ctypes.c_uint64 * 3)(*(ctypes.addressof(i) for i in iocbs))
+            assert context.submit(ctypes.addressof(pointers), 3) == 3
+            seen: list[tuple[int, int]] = []
+            while len(seen) < 3:
+                assert select.select([resfd], [], [], 10)[0] == [resfd]
+                os.eventfd_read(resfd)
+                taken = context.take_events()
+                assert taken is not None
+                seen += taken
+            assert sorted(seen) == [(1000 * round_ + i, 64) for i in range(3)]
+            for i in range(3):
+                assert buffers[i].raw == data[offsets[i] : offsets[i] + 64]
+            # The kernel agrees that nothing is left, and the ring is empty again.
+            assert context.get_events(ctypes.addressof(scratch), 8) == 0
+            assert context.take_events() == []
+            head, tail = _ring_header(context)[2:4]
+            assert head == tail == (round_ + 1) * 3 % size
+        assert rounds * 3 > 2 * size
+    finally:
+        context.destroy()
+        os.close(fd)
+        os.close(resfd)
+
+
+def test_a_ring_index_out_of_range_is_an_error_not_a_stray_read() -> None:
+    context = aio.AioContext(4)
+    try:
+        size = _ring_header(context)[1]
+        tail = ctypes.c_uint32.from_address(context.handle + 12)
+        tail.value = size + 5  # as a corrupt ring would have it
+        with pytest.raises(OSError, match="AIO completion ring") as info:
+            context.take_events()
+        assert info.value.errno == errno.EIO
+        tail.value = 0
+    finally:
+        context.destroy()
+
+
+def test_a_replaced_syscall_reads_completions_through_io_getevents() -> None:
+    calls: list[int] = []
+
+    def call(number: int, *args: int) -> int:
+        calls.append(number)
+        return aio.syscall(number, *args)
+
+    context = aio.AioContext(4, call=call)
+    try:
+        assert not context.user_ring
+        assert context.take_events() is None
+        events = ctypes.create_string_buffer(aio.IO_EVENT.size)
+        assert context.get_events(ctypes.addressof(events), 1) == 0
+        assert calls == [aio.SYS_IO_SETUP, aio.SYS_IO_GETEVENTS]
+    finally:
+        context.destroy()
