@@ -75,6 +75,22 @@ def test_sregs_round_trip(tiny_vm: TinyVm) -> None:
     assert (again.ds.base, again.ds.selector) == (0x30000, 0x3000)
 
 
+def test_a_fresh_vcpu_is_at_the_reset_vector_until_moved(kvm: Kvm) -> None:
+    vm = kvm.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        try:
+            assert vcpu.at_reset_vector()
+            regs = vcpu.get_regs()
+            regs.rip = 0x1000
+            vcpu.set_regs(regs)
+            assert not vcpu.at_reset_vector()
+        finally:
+            vcpu.close()
+    finally:
+        vm.close()
+
+
 def test_fpu_round_trip(tiny_vm: TinyVm) -> None:
     fpu = tiny_vm.vcpu.get_fpu()
     fpu.fcw = 0x37F

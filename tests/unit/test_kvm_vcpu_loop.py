@@ -56,6 +56,11 @@ class FakeVcpuFd:
     def register_dump(self) -> str:
         return "rip=0x1000"
 
+    def at_reset_vector(self) -> bool:
+        return self.reset_state
+
+    reset_state = False
+
 
 class Bus:
     def __init__(self, mapped: bool = True, fill: bytes = b"\x5a") -> None:
@@ -113,8 +118,12 @@ def system_event(kind: int, *data: int) -> SystemEvent:
 def run(
     script: Iterable[VcpuExit | Exception], pio: Bus | None = None, mmio: Bus | None = None
 ) -> VcpuEvent | None:
+    return run_fd(FakeVcpuFd(script), pio, mmio)
+
+
+def run_fd(fd: FakeVcpuFd, pio: Bus | None = None, mmio: Bus | None = None) -> VcpuEvent | None:
     events: list[VcpuEvent] = []
-    vcpu = Vcpu(FakeVcpuFd(script), pio or Bus(), mmio or Bus(), events.append)  # type: ignore[arg-type]
+    vcpu = Vcpu(fd, pio or Bus(), mmio or Bus(), events.append)  # type: ignore[arg-type]
     vcpu.start()
     assert vcpu.join(10)
     assert vcpu.state is VcpuState.EXITED
@@ -186,6 +195,16 @@ def test_unmapped_reads_return_all_ones() -> None:
 )
 def test_guest_outcomes(exit_: VcpuExit, expected: VcpuEvent) -> None:
     assert run([exit_]) == expected
+
+
+def test_a_triple_fault_reported_after_a_reset_says_the_registers_are_gone() -> None:
+    fd = FakeVcpuFd([Shutdown()])
+    fd.reset_state = True
+    event = run_fd(fd)
+    assert isinstance(event, GuestReset)
+    assert event.reason == "the guest triple-faulted"
+    assert event.registers.startswith("unavailable (KVM reset the vCPU")
+    assert "rip=" not in event.registers
 
 
 def test_internal_error_reports_suberror_data_and_registers() -> None:

@@ -358,6 +358,22 @@ class VcpuFd:
         request = enable_cap_struct(cap, args, flags)
         ioctl_struct(self.fd, io.KVM_ENABLE_CAP, request, "KVM_ENABLE_CAP", f"capability {cap}")
 
+    def at_reset_vector(self) -> bool:
+        """Whether the vCPU is in its power-on/INIT state: cs base 0xffff0000, rip 0xfff0.
+
+        After a triple fault on AMD hosts KVM has already reset the vCPU when it reports the
+        SHUTDOWN exit (the VMCB is undefined after a shutdown intercept), so its registers no
+        longer tell where the guest was. False when the registers cannot be read.
+        """
+        try:
+            regs = self.get_regs()
+            sregs = self.get_sregs()
+        except KvmError:
+            return False
+        return bool(
+            regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000 and sregs.cs.base == 0xFFFF0000
+        )
+
     def register_dump(self) -> str:
         """One line with rip, rflags, the GPRs and the control registers, for error reports."""
         try:

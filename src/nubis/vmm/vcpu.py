@@ -134,7 +134,8 @@ class GuestReset(VcpuEvent):
     """The guest asked for a reset (system event RESET) or triple-faulted; ``reason`` says which.
 
     After a triple fault ``registers`` is the vCPU's register dump, where the guest was when it
-    could not even deliver a double fault; it is empty for a reset the guest asked for.
+    could not even deliver a double fault, or why there is none (KVM on AMD resets the vCPU
+    before it reports the fault); it is empty for a reset the guest asked for.
     """
 
     __slots__ = ("reason", "registers")
@@ -388,7 +389,14 @@ class Vcpu:
                 self.fd.register_dump(),
             )
         if isinstance(exit_, Shutdown):
-            return GuestReset(vcpu, "the guest triple-faulted", self.fd.register_dump())
+            if self.fd.at_reset_vector():
+                registers = (
+                    "unavailable (KVM reset the vCPU before it reported the triple fault, "
+                    "as it does on AMD hosts)"
+                )
+            else:
+                registers = self.fd.register_dump()
+            return GuestReset(vcpu, "the guest triple-faulted", registers)
         if exit_.reason == ExitReason.IOAPIC_EOI:
             # The guest ended a level-triggered IOAPIC interrupt. The userspace IOAPIC treats
             # every line as an edge (``nubis.devices.ioapic``), so there is nothing to clear.
