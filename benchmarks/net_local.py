@@ -36,7 +36,10 @@ Output: a table, then one JSON line of ``benchmarks/_report.py`` per direction
 against the floor), and last ``net_local`` (the geometric mean of the two).
 
 Usage: ``python benchmarks/net_local.py [--seconds S] [--mode mrg|big] [--sizes 1514,65226]
-[--direction rx|tx|both] [--backend socketpair|tap] [--rounds N] [--profile rx|tx]``.
+[--direction rx|tx|both] [--backend socketpair|tap] [--rounds N] [--profile rx|tx]
+[--pace-us US]``. With ``--pace-us`` the host side sends one frame every US microseconds, as
+TCP's pacing hands frames to a tap, instead of as fast as it can: the device then mostly wakes
+up for a single frame, which is what a receive of paced TCP costs.
 Each point is run ``--rounds`` times (3) and the round with the median worker CPU is shown.
 """
 
@@ -269,10 +272,20 @@ def tx_driver(view: memoryview, irq_fd: int, notify_fd: int, frame_len: int) -> 
             free = rings.take_used()
 
 
-def host_sender(fd: int, message: bytes) -> None:
+def host_sender(fd: int, message: bytes, pace_us: float = 0.0) -> None:
     write = os.write
+    if not pace_us:
+        while True:
+            write(fd, message)
+    # Paced like a TCP sender: one frame every pace_us microseconds, on a fixed schedule.
+    period = pace_us / 1e6
+    due = time.monotonic()
     while True:
         write(fd, message)
+        due += period
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
 
 def host_reader(fd: int) -> None:
@@ -430,7 +443,7 @@ def run_device(direction: str, frame_len: int, args: argparse.Namespace, profile
         queues.append(ActivatedQueue(index, queue, notify[index]))
     if direction == "rx":
         driver = fork(lambda: rx_driver(view, interrupt.fds[0], notify[0], args.mode))
-        peer = fork(lambda: host_sender(backend.host_fd, backend.message(frame_len)))
+        peer = fork(lambda: host_sender(backend.host_fd, backend.message(frame_len), args.pace_us))
         counter = lambda: net.counters()["rx_frames"]  # noqa: E731
     else:
         driver = fork(lambda: tx_driver(view, interrupt.fds[1], notify[1], frame_len))
@@ -461,7 +474,7 @@ def run_floor(direction: str, frame_len: int, args: argparse.Namespace) -> Resul
     stop = threading.Event()
     message = backend.message(frame_len)
     if direction == "rx":
-        peer = fork(lambda: host_sender(backend.host_fd, message))
+        peer = fork(lambda: host_sender(backend.host_fd, message, args.pace_us))
         buffer = bytearray(VNET_HDR.size + 65536 + 64)
         views = [memoryview(buffer)]
 
@@ -525,6 +538,12 @@ def main() -> None:
         "--sizes", type=lambda text: [int(x) for x in text.split(",")], default=DEFAULT_SIZES
     )
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-syscall floor")
+    parser.add_argument(
+        "--pace-us",
+        type=float,
+        default=0.0,
+        help="receive: the host side sends one frame every PACE_US microseconds (0: flat out)",
+    )
     args = parser.parse_args()
     if args.backend == "tap":
         in_new_netns()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -349,6 +350,64 @@ def test_backpressure_keeps_frames_in_the_backend(
         pair[1].send(header() + b"late" * 16)
         driver.wait_used(0, 1)
         assert rx.read_buffers(last.writable)[12:16] == b"late"
+    finally:
+        net.shutdown()
+        driver.close()
+
+
+def test_a_lone_frame_costs_one_read_and_a_burst_reads_until_eagain(
+    memory: GuestMemory,
+    pair: tuple[socket.socket, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After its first frame a pass asks poll(2) whether another waits, so a frame that comes
+    alone (as paced TCP sends them) costs no readv failing with EAGAIN; frames that wait
+    together are read until EAGAIN, with no probe per frame; polling goes on either way.
+    """
+    reads: list[str] = []
+    real_readv = os.readv
+
+    def counting_readv(fd: int, buffers: Any) -> int:
+        try:
+            count = real_readv(fd, buffers)
+        except BlockingIOError:
+            reads.append("EAGAIN")
+            raise
+        reads.append("frame")
+        return count
+
+    monkeypatch.setattr(os, "readv", counting_readv)
+    net = Net(pair[0].fileno(), mac=MAC)
+    driver = MockDriver(net, memory)
+    activate(driver, BASIC)
+    rx = driver.queues[0]
+    try:
+        # Three frames wait in the backend before there is anywhere to put them.
+        for i in range(3):
+            pair[1].send(header() + bytes([i]) * 64)
+        deadline = time.monotonic() + 10
+        while net._polling[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not net._polling[0]
+        reads.clear()
+        interrupts = lambda: _queue_interrupts(driver, 0)  # noqa: E731
+        # The pass's interrupt comes after its last read: waiting for it sees every read.
+        before = interrupts()
+        chains = [rx.add_chain(writable=[2048]) for _ in range(8)]
+        driver.notify(0)
+        driver.interrupt.wait_until(lambda: interrupts() > before)
+        assert reads == ["frame", "frame", "frame", "EAGAIN"], reads
+        # Then frames one at a time: one readv each, and the backend is still polled.
+        for i in range(3, 6):
+            reads.clear()
+            before = interrupts()
+            pair[1].send(header() + bytes([i]) * 64)
+            driver.interrupt.wait_until(lambda before=before: interrupts() > before)
+            assert reads == ["frame"], reads
+            assert net._polling[0]
+        for i, chain in enumerate(chains[:6]):
+            assert rx.read_buffers(chain.writable)[12:76] == bytes([i]) * 64
+        assert net.counters()["rx_frames"] == 6
     finally:
         net.shutdown()
         driver.close()
