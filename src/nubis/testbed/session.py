@@ -25,9 +25,11 @@ import itertools
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -75,6 +77,17 @@ RESPONSE_GRACE = 30.0
 #: Seconds L1 may take to power off before QEMU is killed.
 SHUTDOWN_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
+#: Seconds of silence after which QEMU's monitor is taken to have said all it will.
+MONITOR_TIMEOUT = 2.0
+#: sun_path's size in struct sockaddr_un, including the terminating NUL.
+UNIX_PATH_MAX = 108
+#: A CPU the L1 kernel reports stuck this many seconds (its soft-lockup watchdog) means L1 has
+#: wedged under emulation: no command holds a CPU in the kernel that long, and none recovered.
+WEDGED_AFTER_SECONDS = 120
+#: Seconds between looks at L1's console for such reports while a command runs.
+CONSOLE_CHECK_INTERVAL = 5.0
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SOFT_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s!")
 #: Finished sessions kept (with their L1 console logs) under ``<cache>/testbed/sessions``.
 KEEP_SESSIONS = 8
 LOG_TAIL_LINES = 60
@@ -222,6 +235,41 @@ def paths_under_tmp() -> list[str]:
     return keep
 
 
+class ConsoleWatch:
+    """Reads an L1 console log as it grows and remembers the longest soft lockup it reported.
+
+    The kernel's soft-lockup watchdog repeats "soft lockup - CPU#N stuck for Ss!" while a CPU
+    stays stuck, with S growing; a wedged L1 shows S climbing without end.
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Watch ``path`` from its current end (what was logged before does not count)."""
+        self.path = path
+        try:
+            self._offset = path.stat().st_size
+        except OSError:
+            self._offset = 0
+        self._partial = b""
+        self.longest_lockup = 0
+
+    def check(self) -> int:
+        """Read what was logged since the last call; return the longest lockup seen (seconds)."""
+        try:
+            with self.path.open("rb") as console:
+                console.seek(self._offset)
+                data = console.read()
+        except OSError:
+            return self.longest_lockup
+        self._offset += len(data)
+        # A line cut at the end of what was read is kept for the next call.
+        text = self._partial + data
+        cut = text.rfind(b"\n") + 1
+        self._partial = text[cut:][-4096:]
+        for match in _SOFT_LOCKUP.finditer(text[:cut]):
+            self.longest_lockup = max(self.longest_lockup, int(match.group(1)))
+        return self.longest_lockup
+
+
 def _escape_qemu(value: str) -> str:
     return value.replace(",", ",,")
 
@@ -239,6 +287,7 @@ class _NestedBackend(_Backend):
         self.session_dir = Path()
         self.ctl = Path()
         self.console_path = Path()
+        self.monitor_path = Path()
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
         self.broken: str | None = None
@@ -300,7 +349,7 @@ class _NestedBackend(_Backend):
             "-display",
             "none",
             "-monitor",
-            "none",
+            self._monitor_option(),
             "-serial",
             f"file:{self.console_path}",
             "-kernel",
@@ -355,6 +404,45 @@ class _NestedBackend(_Backend):
             )
         log.info("nested test host ready in %.1f s", self.boot_seconds)
 
+    def _monitor_option(self) -> str:
+        """QEMU's human monitor on a socket in the session, read when L1 fails (see below)."""
+        self.monitor_path = self.session_dir / "monitor.sock"
+        if len(os.fsencode(self.monitor_path)) >= UNIX_PATH_MAX:
+            return "none"
+        return f"unix:{_escape_qemu(str(self.monitor_path))},server=on,wait=off"
+
+    def save_cpu_state(self) -> Path | None:
+        """Write L1's CPU registers, from QEMU's monitor, to the session; return the file.
+
+        Called on a wedged or silent L1 before it is killed: where each CPU stands (L1's kernel,
+        an L2 guest, or halted) is the first thing to know about such a failure. Returns None
+        when the monitor does not answer.
+        """
+        chunks: list[bytes] = []
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
+                monitor.settimeout(MONITOR_TIMEOUT)
+                monitor.connect(str(self.monitor_path))
+                monitor.sendall(b"info cpus\ninfo registers -a\n")
+                # The monitor never closes the connection itself: read until it goes quiet.
+                while chunk := monitor.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            pass
+        if not chunks:
+            return None
+        # The monitor echoes each command keystroke by keystroke with cursor moves; keep only
+        # its answers.
+        text = _TERMINAL_ESCAPE.sub("", b"".join(chunks).decode(errors="replace"))
+        answers = [
+            line
+            for line in text.replace("\r", "").splitlines()
+            if not line.startswith(("(qemu)", "QEMU "))
+        ]
+        path = self.session_dir / "l1-registers.txt"
+        path.write_text("\n".join(answers) + "\n")
+        return path
+
     def _qemu_messages(self) -> str:
         try:
             text = (self.session_dir / "qemu.log").read_text(errors="replace").strip()
@@ -386,9 +474,25 @@ class _NestedBackend(_Backend):
         submitted = time.monotonic()
         started_at: float | None = None
         status_path = job / "status"
+        console = ConsoleWatch(self.console_path)
+        next_console_check = submitted + CONSOLE_CHECK_INTERVAL
         while not status_path.exists():
             output.pump()
             now = time.monotonic()
+            if now >= next_console_check:
+                next_console_check = now + CONSOLE_CHECK_INTERVAL
+                stuck = console.check()
+                if stuck >= WEDGED_AFTER_SECONDS:
+                    # Waiting for the command's timeout would only waste that time: the stuck
+                    # CPU never comes back (the session's caller boots a fresh L1 and retries).
+                    saved = self._shut_down_failed(f"an L1 CPU was stuck for {stuck} s")
+                    output.pump(final=True)
+                    raise TestbedError(
+                        f"The nested test host wedged while running {shlex.join(argv)}: its "
+                        f"kernel reported a CPU stuck for {stuck} s, so it was shut down.{saved}",
+                        console_log=self.console_log(),
+                        output=output.text,
+                    )
             if started_at is None and (job / "started").exists():
                 started_at = now
             code = self.process.poll()
@@ -407,13 +511,12 @@ class _NestedBackend(_Backend):
                 else started_at + timeout + RESPONSE_GRACE
             )
             if now > limit:
-                self.broken = "L1 stopped answering"
-                self._kill()
+                saved = self._shut_down_failed("L1 stopped answering")
                 output.pump(final=True)
                 what = "did not pick up" if started_at is None else "did not finish or kill"
                 raise TestbedError(
                     f"The nested test host {what} the command {shlex.join(argv)} within "
-                    f"{now - submitted:.0f} s and was shut down.",
+                    f"{now - submitted:.0f} s and was shut down.{saved}",
                     console_log=self.console_log(),
                     output=output.text,
                 )
@@ -429,6 +532,13 @@ class _NestedBackend(_Backend):
                 output=output.text,
             )
         return CommandResult(tuple(argv), returncode, output.text, duration)
+
+    def _shut_down_failed(self, reason: str) -> str:
+        """Mark L1 broken, save its CPU state, kill it; return a sentence naming the saved file."""
+        self.broken = reason
+        saved = self.save_cpu_state()
+        self._kill()
+        return f" L1's CPU registers at that moment are in {saved}." if saved else ""
 
     def _kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
