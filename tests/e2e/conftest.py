@@ -48,10 +48,12 @@ import pytest
 
 from nubis.image import GuestImages, InitMarkers, build_guest_images, parse_markers
 from nubis.testbed import CommandTimeoutError, TestbedSession, detect_host
+from nubis.testbed.session import L1_REPLACEMENTS
 
 SERIAL_LOGS = pytest.StashKey[list[Path]]()
 CONSOLE_TEXTS = pytest.StashKey[list[tuple[str, str]]]()
 USES_TESTBED = pytest.StashKey[TestbedSession]()
+TESTBED = pytest.StashKey[TestbedSession]()
 LOG_LINES_SHOWN = 80
 
 
@@ -70,12 +72,12 @@ L1_REPLACEMENT_SECONDS = 180
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Give every e2e test one rerun (see `E2E_RERUNS`), and a timeout that leaves room for the
-    testbed's own second run of a command on a fresh L1 when the first L1 failed.
+    testbed's own further runs of a command on a fresh L1 when an L1 failed.
 
     A test's timeout marker states what one run of its guest may take; the testbed may run a
-    command twice (once more after replacing a crashed or wedged L1), so the test as a whole
-    gets twice that plus an L1 boot. Without this, the test was stopped while the second run,
-    on a healthy L1, was still going.
+    command again after replacing a crashed or wedged L1 (up to `L1_REPLACEMENTS` times), so
+    the test as a whole gets that many more runs plus an L1 boot for each. Without this, the
+    test was stopped while a later run, on a healthy L1, was still going.
     """
     for item in items:
         if item.get_closest_marker("e2e") is None:
@@ -84,7 +86,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.flaky(reruns=E2E_RERUNS))
         timeout = item.get_closest_marker("timeout")
         if timeout is not None and timeout.args:
-            seconds = 2 * float(timeout.args[0]) + L1_REPLACEMENT_SECONDS
+            runs = 1 + L1_REPLACEMENTS
+            seconds = runs * float(timeout.args[0]) + L1_REPLACEMENTS * L1_REPLACEMENT_SECONDS
             item.add_marker(pytest.mark.timeout(seconds, **timeout.kwargs), append=False)
 
 
@@ -122,11 +125,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Show what each e2e attempt that was run again left behind: its error and consoles.
+    """Show each L1 the testbed replaced, and what each e2e attempt that was run again left
+    behind: its error and consoles.
 
     A rerun that passes hides the first attempt's failure from the usual report, yet that
     failure is the only evidence of why the attempt failed (a guest fault, a wedged L1).
     """
+    session = terminalreporter.config.stash.get(TESTBED, None)
+    if session is not None and session.replacements:
+        terminalreporter.write_sep("=", "nested test hosts replaced after they failed")
+        for reason in session.replacements:
+            terminalreporter.write_line(f"L1 failed: {reason}")
     reports = terminalreporter.stats.get("rerun", [])
     attempts = [r for r in reports if r.when == "call" and r.sections]
     if not attempts:
@@ -146,11 +155,12 @@ def _tail(text: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def testbed() -> Iterator[TestbedSession]:
+def testbed(pytestconfig: pytest.Config) -> Iterator[TestbedSession]:
     """The session's testbed, booted on first use and shut down at the end."""
     session = TestbedSession(
         mode=os.environ.get("NUBIS_TESTBED_MODE", "auto"), cache_dir=_cache_dir()
     )
+    pytestconfig.stash[TESTBED] = session
     session.start()
     try:
         yield session

@@ -8,13 +8,23 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
+import nubis.testbed.session as session_module
 from nubis.image.cache import Cache
-from nubis.testbed import CommandTimeoutError, HostKind, TestbedSession, detect_host
+from nubis.testbed import (
+    CommandTimeoutError,
+    HostKind,
+    TestbedError,
+    TestbedSession,
+    detect_host,
+)
 from nubis.testbed.session import (
+    L1_REPLACEMENTS,
     WEDGED_AFTER_SECONDS,
+    CommandResult,
     ConsoleWatch,
     _NestedBackend,
     command_script,
@@ -129,3 +139,61 @@ def test_cpu_state_of_a_failed_l1_is_read_from_the_monitor_into_the_session(
     assert saved.read_text() == (
         "* CPU #0: thread_id=8607\n  CPU #1: thread_id=8608\n\nCPU#0\nRIP=ffffffff81c01220 HLT=1\n"
     )
+
+
+class _FailingL1(_NestedBackend):
+    """An L1 stand-in: the first ``failures`` of them fail under the command they run."""
+
+    booted: ClassVar[list[_FailingL1]] = []
+    failures = 0
+
+    def start(self) -> None:
+        self.session_dir = Path(f"session-{len(self.booted)}")
+        self.booted.append(self)
+
+    def run(self, argv, timeout, cwd, env, stream):  # type: ignore[no-untyped-def]
+        if len(self.booted) <= self.failures:
+            self.broken = f"L1 number {len(self.booted)} stopped answering"
+            raise TestbedError("The nested test host did not finish the command.")
+        return CommandResult(tuple(argv), 0, "ran\n", 0.1)
+
+    def close(self) -> None:
+        self.broken = self.broken or "closed"
+
+
+@pytest.mark.parametrize("failures", [0, 1, L1_REPLACEMENTS, L1_REPLACEMENTS + 1])
+def test_a_failed_l1_is_replaced_and_the_command_run_again_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    monkeypatch.setattr(session_module, "_NestedBackend", _FailingL1)
+    monkeypatch.setattr(_FailingL1, "booted", [])
+    monkeypatch.setattr(_FailingL1, "failures", failures)
+    session = TestbedSession(mode="nested", cache_dir=tmp_path / "cache", workdir=tmp_path)
+    if failures > L1_REPLACEMENTS:
+        with pytest.raises(TestbedError, match="did not finish"):
+            session.run(["true"], 5.0)
+    else:
+        assert session.run(["true"], 5.0).output == "ran\n"
+    replaced = min(failures, L1_REPLACEMENTS)
+    assert len(_FailingL1.booted) == 1 + replaced
+    assert session.replacements == [
+        f"L1 number {n} stopped answering (session session-{n - 1}) while running true"
+        for n in range(1, replaced + 1)
+    ]
+    # Every failed L1 was shut down; the one in use is not.
+    assert [l1.broken is not None for l1 in _FailingL1.booted[:replaced]] == [True] * replaced
+
+
+def test_a_command_that_times_out_is_not_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class TimingOut(_FailingL1):
+        def run(self, argv, timeout, cwd, env, stream):  # type: ignore[no-untyped-def]
+            raise CommandTimeoutError("The command did not finish within 5 s.")
+
+    monkeypatch.setattr(session_module, "_NestedBackend", TimingOut)
+    monkeypatch.setattr(_FailingL1, "booted", [])
+    session = TestbedSession(mode="nested", cache_dir=tmp_path / "cache", workdir=tmp_path)
+    with pytest.raises(CommandTimeoutError):
+        session.run(["sleep", "9"], 5.0)
+    assert len(_FailingL1.booted) == 1 and session.replacements == []

@@ -88,6 +88,8 @@ WEDGED_AFTER_SECONDS = 120
 CONSOLE_CHECK_INTERVAL = 5.0
 _TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SOFT_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s!")
+#: Fresh L1s booted for one command whose L1 failed under it, before the failure is raised.
+L1_REPLACEMENTS = 2
 #: Finished sessions kept (with their L1 console logs) under ``<cache>/testbed/sessions``.
 KEEP_SESSIONS = 8
 LOG_TAIL_LINES = 60
@@ -268,6 +270,10 @@ class ConsoleWatch:
         for match in _SOFT_LOCKUP.finditer(text[:cut]):
             self.longest_lockup = max(self.longest_lockup, int(match.group(1)))
         return self.longest_lockup
+
+
+def _shorten(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _escape_qemu(value: str) -> str:
@@ -684,6 +690,8 @@ class TestbedSession:
             )
         self._started = False
         self._closed = False
+        #: Why each L1 replaced during this session failed, and the command it was running.
+        self.replacements: list[str] = []
 
     def start(self) -> TestbedSession:
         """Prepare the testbed (boot L1 if nested); returns self. Raises `TestbedError`."""
@@ -725,7 +733,9 @@ class TestbedSession:
         """Run ``argv`` and return its exit status and output; ``stream`` receives output live.
 
         The command is killed with its process group after ``timeout`` seconds, which raises
-        `CommandTimeoutError`; a testbed failure raises `TestbedError`. ``cwd`` defaults to the
+        `CommandTimeoutError`. When L1 fails under the command, the command runs again on a
+        fresh L1, up to `L1_REPLACEMENTS` times; a testbed failure beyond that raises
+        `TestbedError`. ``cwd`` defaults to the
         work directory; ``env`` adds variables to a small default environment.
         """
         if not argv:
@@ -736,26 +746,38 @@ class TestbedSession:
             raise TestbedError("The testbed session is closed.")
         self.start()
         directory = str(cwd) if cwd is not None else str(self.workdir)
-        try:
-            return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
-        except CommandTimeoutError:
-            raise
-        except TestbedError:
-            backend = self._backend
-            if not isinstance(backend, _NestedBackend) or backend.broken in (None, "closed"):
+        # When L1 itself fails (its kernel crashed or it wedged under emulation), not the
+        # command, a fresh L1 boots and the command runs again there, so one broken L1 does not
+        # fail every command after it. Each replacement is recorded in `replacements`.
+        replaced = 0
+        while True:
+            try:
+                return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
+            except CommandTimeoutError:
                 raise
-            # L1 itself failed (its kernel crashed or it wedged under emulation), not the command:
-            # boot a fresh L1 and give the command one more run there, so one broken L1 does not
-            # fail every command after it.
+            except TestbedError:
+                backend = self._backend
+                if (
+                    replaced == L1_REPLACEMENTS
+                    or not isinstance(backend, _NestedBackend)
+                    or backend.broken in (None, "closed")
+                ):
+                    raise
+            replaced += 1
+            self.replacements.append(
+                f"{backend.broken} (session {backend.session_dir.name}) while running "
+                f"{_shorten(shlex.join(argv))}"
+            )
             log.warning(
                 "testbed: the nested test host failed (%s); booting a fresh one and running "
-                "the command again",
+                "the command again (replacement %d of at most %d for this command)",
                 backend.broken,
+                replaced,
+                L1_REPLACEMENTS,
             )
             backend.close()
             self._backend = _NestedBackend(self.cache, self.workdir, *self._nested_args)
             self._backend.start()
-            return self._backend.run(list(argv), timeout, directory, dict(env or {}), stream)
 
     def close(self) -> None:
         """Shut the testbed down (power L1 off, killing it if it does not stop in time)."""
