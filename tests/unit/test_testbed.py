@@ -134,7 +134,7 @@ def test_cpu_state_of_a_failed_l1_is_read_from_the_monitor_into_the_session(
         thread.start()
         saved = backend.save_cpu_state()
         thread.join()
-    assert received == [b"info cpus\ninfo registers -a\n"]
+    assert received == [b"info cpus\ninfo registers -a\ninfo lapic 0\ninfo lapic 1\n"]
     assert saved == tmp_path / "l1-registers.txt"
     assert saved.read_text() == (
         "* CPU #0: thread_id=8607\n  CPU #1: thread_id=8608\n\nCPU#0\nRIP=ffffffff81c01220 HLT=1\n"

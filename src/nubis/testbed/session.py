@@ -418,18 +418,23 @@ class _NestedBackend(_Backend):
         return f"unix:{_escape_qemu(str(self.monitor_path))},server=on,wait=off"
 
     def save_cpu_state(self) -> Path | None:
-        """Write L1's CPU registers, from QEMU's monitor, to the session; return the file.
+        """Write L1's CPU and local APIC registers, from QEMU's monitor, to the session; return
+        the file.
 
         Called on a wedged or silent L1 before it is killed: where each CPU stands (L1's kernel,
-        an L2 guest, or halted) is the first thing to know about such a failure. Returns None
-        when the monitor does not answer.
+        an L2 guest, or halted) and what its APIC holds (pending and in-service vectors, the
+        timer) is the first thing to know about such a failure. Returns None when the monitor
+        does not answer.
         """
         chunks: list[bytes] = []
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
                 monitor.settimeout(MONITOR_TIMEOUT)
                 monitor.connect(str(self.monitor_path))
-                monitor.sendall(b"info cpus\ninfo registers -a\n")
+                monitor.sendall(
+                    b"info cpus\ninfo registers -a\n"
+                    + b"".join(f"info lapic {cpu}\n".encode() for cpu in range(self.cpus))
+                )
                 # The monitor never closes the connection itself: read until it goes quiet.
                 while chunk := monitor.recv(65536):
                     chunks.append(chunk)
