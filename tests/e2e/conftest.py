@@ -125,17 +125,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Show each L1 the testbed replaced, and what each e2e attempt that was run again left
-    behind: its error and consoles.
+    """Show each L1 the testbed replaced or woke from silence, and what each e2e attempt that
+    was run again left behind: its error and consoles.
 
     A rerun that passes hides the first attempt's failure from the usual report, yet that
     failure is the only evidence of why the attempt failed (a guest fault, a wedged L1).
     """
     session = terminalreporter.config.stash.get(TESTBED, None)
-    if session is not None and session.replacements:
-        terminalreporter.write_sep("=", "nested test hosts replaced after they failed")
+    if session is not None and (session.replacements or session.revivals):
+        terminalreporter.write_sep("=", "nested test hosts that failed or went silent")
         for reason in session.replacements:
-            terminalreporter.write_line(f"L1 failed: {reason}")
+            terminalreporter.write_line(f"L1 replaced: {reason}")
+        for what in session.revivals:
+            terminalreporter.write_line(f"L1 revived: {what}")
     reports = terminalreporter.stats.get("rerun", [])
     attempts = [r for r in reports if r.when == "call" and r.sections]
     if not attempts:

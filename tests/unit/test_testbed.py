@@ -26,6 +26,7 @@ from nubis.testbed.session import (
     WEDGED_AFTER_SECONDS,
     CommandResult,
     ConsoleWatch,
+    Heartbeat,
     _NestedBackend,
     command_script,
 )
@@ -197,3 +198,21 @@ def test_a_command_that_times_out_is_not_run_again(
     with pytest.raises(CommandTimeoutError):
         session.run(["sleep", "9"], 5.0)
     assert len(_FailingL1.booted) == 1 and session.replacements == []
+
+
+def test_heartbeat_counts_silence_from_the_last_change_once_a_beat_was_seen(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "heartbeat"
+    beat = Heartbeat(path, now=100.0)
+    assert beat.silent_for(200.0) == 0.0  # no beat yet: never taken for silence
+    path.write_text("20\n")
+    assert beat.silent_for(210.0) == 0.0
+    assert beat.silent_for(235.0) == 25.0
+    path.write_text("40\n")
+    assert beat.silent_for(236.0) == 0.0
+    path.unlink()  # gone after it was seen: silence from that moment on
+    assert beat.silent_for(240.0) == 0.0
+    assert beat.silent_for(275.0) == 35.0
+    path.write_text("60\n")
+    assert beat.silent_for(276.0) == 0.0

@@ -19,7 +19,8 @@
 #   jobs/<id>/timedout  the job ran out of time and was killed
 #   jobs/<id>/status    its exit status (written to status.tmp, then renamed)
 # A file "shutdown" in the control share makes the agent sync and power L1 off. "ready" is
-# written once L1 serves jobs; it holds "kvm=yes" or "kvm=missing".
+# written once L1 serves jobs; it holds "kvm=yes" or "kvm=missing". "heartbeat" holds a count
+# the agent raises about every two seconds while L1 runs: the machine's sign that L1 is alive.
 #
 # Console markers: NUBIS-L1-USERSPACE, NUBIS-L1-MODULE-FAILED=<path>, NUBIS-L1-READY,
 # NUBIS-L1-ERROR=<what>, NUBIS-L1-POWEROFF.
@@ -112,7 +113,10 @@ echo "kvm=$kvm" >"$C/ready.tmp"
 mv "$C/ready.tmp" "$C/ready"
 say "NUBIS-L1-READY kvm=$kvm"
 
+beat=0
 while [ ! -e "$C/shutdown" ]; do
+    beat=$((beat + 1))
+    [ $((beat % 20)) -eq 0 ] && echo "$beat" >"$C/heartbeat"
     for go in "$C"/jobs/*/go; do
         [ -e "$go" ] || continue
         d=${go%/go}

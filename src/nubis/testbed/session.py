@@ -84,7 +84,11 @@ UNIX_PATH_MAX = 108
 #: A CPU the L1 kernel reports stuck this many seconds (its soft-lockup watchdog) means L1 has
 #: wedged under emulation: no command holds a CPU in the kernel that long, and none recovered.
 WEDGED_AFTER_SECONDS = 120
-#: Seconds between looks at L1's console for such reports while a command runs.
+#: Seconds without a heartbeat from L1's agent after which L1 gets an NMI, and after which,
+#: counted again from the NMI, an L1 still silent is shut down. The agent beats every 2 s,
+#: even when L1 is loaded by its guests.
+HEARTBEAT_SILENCE = 30.0
+#: Seconds between looks at L1's console and heartbeat while a command runs.
 CONSOLE_CHECK_INTERVAL = 5.0
 _TERMINAL_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SOFT_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s!")
@@ -237,6 +241,34 @@ def paths_under_tmp() -> list[str]:
     return keep
 
 
+class Heartbeat:
+    """Tracks the count L1's agent writes to its heartbeat file about every two seconds."""
+
+    def __init__(self, path: Path, now: float) -> None:
+        self.path = path
+        self._last = self._read()
+        self._seen = self._last is not None
+        self._changed_at = now
+        #: When the silence an NMI was sent for began (set by the caller).
+        self.silence_began = now
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:
+            return None
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the count last changed, as of ``now``; 0 until a count has been seen
+        (an L1 whose agent never beats is not taken for a silent one)."""
+        value = self._read()
+        if value != self._last:
+            self._seen = self._seen or value is not None
+            self._last = value
+            self._changed_at = now
+        return now - self._changed_at if self._seen else 0.0
+
+
 class ConsoleWatch:
     """Reads an L1 console log as it grows and remembers the longest soft lockup it reported.
 
@@ -282,9 +314,17 @@ def _escape_qemu(value: str) -> str:
 
 class _NestedBackend(_Backend):
     def __init__(
-        self, cache: Cache, workdir: Path, memory_mib: int, cpus: int, boot_timeout: float
+        self,
+        cache: Cache,
+        workdir: Path,
+        memory_mib: int,
+        cpus: int,
+        boot_timeout: float,
+        revivals: list[str] | None = None,
     ) -> None:
         self.cache = cache
+        #: Each time a silent L1 was woken with an NMI and came back (see `HEARTBEAT_SILENCE`).
+        self.revivals = revivals if revivals is not None else []
         self.workdir = workdir
         self.memory_mib = memory_mib
         self.cpus = cpus
@@ -426,25 +466,15 @@ class _NestedBackend(_Backend):
         timer) is the first thing to know about such a failure. Returns None when the monitor
         does not answer.
         """
-        chunks: list[bytes] = []
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
-                monitor.settimeout(MONITOR_TIMEOUT)
-                monitor.connect(str(self.monitor_path))
-                monitor.sendall(
-                    b"info cpus\ninfo registers -a\n"
-                    + b"".join(f"info lapic {cpu}\n".encode() for cpu in range(self.cpus))
-                )
-                # The monitor never closes the connection itself: read until it goes quiet.
-                while chunk := monitor.recv(65536):
-                    chunks.append(chunk)
-        except OSError:
-            pass
-        if not chunks:
+        commands = b"info cpus\ninfo registers -a\n" + b"".join(
+            f"info lapic {cpu}\n".encode() for cpu in range(self.cpus)
+        )
+        answer = self._monitor_command(commands)
+        if not answer:
             return None
         # The monitor echoes each command keystroke by keystroke with cursor moves; keep only
         # its answers.
-        text = _TERMINAL_ESCAPE.sub("", b"".join(chunks).decode(errors="replace"))
+        text = _TERMINAL_ESCAPE.sub("", answer.decode(errors="replace"))
         answers = [
             line
             for line in text.replace("\r", "").splitlines()
@@ -486,12 +516,44 @@ class _NestedBackend(_Backend):
         started_at: float | None = None
         status_path = job / "status"
         console = ConsoleWatch(self.console_path)
+        heartbeat = Heartbeat(self.ctl / "heartbeat", submitted)
+        nmi_sent_at: float | None = None
         next_console_check = submitted + CONSOLE_CHECK_INTERVAL
         while not status_path.exists():
             output.pump()
             now = time.monotonic()
             if now >= next_console_check:
                 next_console_check = now + CONSOLE_CHECK_INTERVAL
+                silent = heartbeat.silent_for(now)
+                if nmi_sent_at is not None and silent < now - nmi_sent_at:
+                    self.revivals.append(
+                        f"L1 (session {self.session_dir.name}) was silent for "
+                        f"{nmi_sent_at - heartbeat.silence_began:.0f} s and came back after an "
+                        f"NMI, while running {_shorten(shlex.join(argv))}"
+                    )
+                    log.warning("testbed: %s", self.revivals[-1])
+                    nmi_sent_at = None
+                if silent >= HEARTBEAT_SILENCE and nmi_sent_at is None:
+                    # Seen under TCG: both L1 CPUs halted with interrupts enabled and the
+                    # timer's vector pending in their APICs, never delivered. An NMI wakes the
+                    # CPUs, and the APIC work its handler causes gets the stuck vectors
+                    # delivered; an L1 that is merely slow loses nothing by it.
+                    heartbeat.silence_began = now - silent
+                    nmi_sent_at = now
+                    log.warning("testbed: L1 has been silent for %.0f s; sending it an NMI", silent)
+                    self._monitor_command(b"nmi\n")
+                elif nmi_sent_at is not None and now - nmi_sent_at >= HEARTBEAT_SILENCE:
+                    saved = self._shut_down_failed(
+                        f"L1 was silent for {silent:.0f} s, even after an NMI"
+                    )
+                    output.pump(final=True)
+                    raise TestbedError(
+                        f"The nested test host stopped answering while running "
+                        f"{shlex.join(argv)}: no heartbeat for {silent:.0f} s, even after an "
+                        f"NMI, so it was shut down.{saved}",
+                        console_log=self.console_log(),
+                        output=output.text,
+                    )
                 stuck = console.check()
                 if stuck >= WEDGED_AFTER_SECONDS:
                     # Waiting for the command's timeout would only waste that time: the stuck
@@ -543,6 +605,21 @@ class _NestedBackend(_Backend):
                 output=output.text,
             )
         return CommandResult(tuple(argv), returncode, output.text, duration)
+
+    def _monitor_command(self, commands: bytes) -> bytes:
+        """Send ``commands`` to QEMU's monitor; return all it said (empty if it is not there)."""
+        chunks: list[bytes] = []
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as monitor:
+                monitor.settimeout(MONITOR_TIMEOUT)
+                monitor.connect(str(self.monitor_path))
+                monitor.sendall(commands)
+                # The monitor never closes the connection itself: read until it goes quiet.
+                while chunk := monitor.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
 
     def _shut_down_failed(self, reason: str) -> str:
         """Mark L1 broken, save its CPU state, kill it; return a sentence naming the saved file."""
@@ -682,13 +759,17 @@ class TestbedSession:
         if mode == "auto":
             mode = "direct" if self.host.kind is HostKind.NATIVE else "nested"
         self.mode = mode
+        #: Each silent L1 that an NMI brought back, and the command it was running.
+        self.revivals: list[str] = []
         self._backend: _Backend
         if mode == "direct":
             self._backend = _DirectBackend()
             self.description = f"commands run directly on this machine ({self.host.reason})"
         else:
             self._nested_args = (memory_mib, cpus, boot_timeout)
-            self._backend = _NestedBackend(self.cache, self.workdir, memory_mib, cpus, boot_timeout)
+            self._backend = _NestedBackend(
+                self.cache, self.workdir, memory_mib, cpus, boot_timeout, self.revivals
+            )
             self.description = (
                 f"commands run in the nested test host, an L1 Linux under QEMU TCG with emulated "
                 f"SVM ({self.host.reason})"
@@ -781,7 +862,9 @@ class TestbedSession:
                 L1_REPLACEMENTS,
             )
             backend.close()
-            self._backend = _NestedBackend(self.cache, self.workdir, *self._nested_args)
+            self._backend = _NestedBackend(
+                self.cache, self.workdir, *self._nested_args, self.revivals
+            )
             self._backend.start()
 
     def close(self) -> None:
