@@ -18,6 +18,7 @@
 #   jobs/<id>/output    the job's standard output and error, as they are produced
 #   jobs/<id>/timedout  the job ran out of time and was killed
 #   jobs/<id>/status    its exit status (written to status.tmp, then renamed)
+# Once the machine has read a job's status it moves the job's directory to done/<id>.
 # A file "shutdown" in the control share makes the agent sync and power L1 off. "ready" is
 # written once L1 serves jobs; it holds "kvm=yes" or "kvm=missing". "heartbeat" holds a count
 # the agent raises about every two seconds while L1 runs: the machine's sign that L1 is alive.
@@ -113,10 +114,17 @@ echo "kvm=$kvm" >"$C/ready.tmp"
 mv "$C/ready.tmp" "$C/ready"
 say "NUBIS-L1-READY kvm=$kvm"
 
-beat=0
+# The heartbeat has a loop of its own: the job loop's pass grows with the number of jobs.
+(
+    beat=0
+    while [ ! -e "$C/shutdown" ]; do
+        beat=$((beat + 1))
+        echo "$beat" >"$C/heartbeat"
+        sleep 2
+    done
+) &
+
 while [ ! -e "$C/shutdown" ]; do
-    beat=$((beat + 1))
-    [ $((beat % 20)) -eq 0 ] && echo "$beat" >"$C/heartbeat"
     for go in "$C"/jobs/*/go; do
         [ -e "$go" ] || continue
         d=${go%/go}

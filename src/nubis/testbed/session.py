@@ -361,6 +361,7 @@ class _NestedBackend(_Backend):
         self.session_dir = sessions / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{id(self):x}"
         self.ctl = self.session_dir / "ctl"
         (self.ctl / "jobs").mkdir(parents=True)
+        (self.ctl / "done").mkdir()
         self.console_path = self.session_dir / "l1-console.log"
         cmdline = " ".join(
             [
@@ -597,7 +598,11 @@ class _NestedBackend(_Backend):
         duration = time.monotonic() - (started_at or submitted)
         output.pump(final=True)
         returncode = int(status_path.read_text().strip() or "-1")
-        if (job / "timedout").exists():
+        timed_out = (job / "timedout").exists()
+        # Finished jobs move out of jobs/, which L1's agent lists over 9p ten times a second:
+        # a session's hundreds of old jobs would make each of those passes cost as many stats.
+        os.rename(job, self.ctl / "done" / job.name)
+        if timed_out:
             raise CommandTimeoutError(
                 f"The command {shlex.join(argv)} did not finish within {timeout:g} s in the "
                 "nested test host and was killed.",
