@@ -535,10 +535,11 @@ class _NestedBackend(_Backend):
                     log.warning("testbed: %s", self.revivals[-1])
                     nmi_sent_at = None
                 if silent >= HEARTBEAT_SILENCE and nmi_sent_at is None:
-                    # Seen under TCG: both L1 CPUs halted with interrupts enabled and the
-                    # timer's vector pending in their APICs, never delivered. An NMI wakes the
-                    # CPUs, and the APIC work its handler causes gets the stuck vectors
-                    # delivered; an L1 that is merely slow loses nothing by it.
+                    # A cheap try before giving L1 up: an L1 that only stalled loses nothing by
+                    # it. The wedges seen so far did not answer it (no "NMI received" on the
+                    # console): both CPUs halted with interrupts enabled and vectors pending in
+                    # their APICs, as if the emulated SVM global interrupt flag were stuck
+                    # clear, or both CPUs at the int3 entry with interrupts disabled.
                     heartbeat.silence_began = now - silent
                     nmi_sent_at = now
                     log.warning("testbed: L1 has been silent for %.0f s; sending it an NMI", silent)
