@@ -249,8 +249,6 @@ class Heartbeat:
         self._last = self._read()
         self._seen = self._last is not None
         self._changed_at = now
-        #: When the silence an NMI was sent for began (set by the caller).
-        self.silence_began = now
 
     def _read(self) -> bytes | None:
         try:
@@ -302,6 +300,17 @@ class ConsoleWatch:
         for match in _SOFT_LOCKUP.finditer(text[:cut]):
             self.longest_lockup = max(self.longest_lockup, int(match.group(1)))
         return self.longest_lockup
+
+
+@dataclass
+class _Watch:
+    """What the machine watches of L1 while one command runs."""
+
+    console: ConsoleWatch
+    heartbeat: Heartbeat
+    #: When L1 was sent an NMI for its silence, and how long it had been silent then.
+    nmi_sent_at: float | None = None
+    silent_at_nmi: float = 0.0
 
 
 def _shorten(text: str, limit: int = 240) -> str:
@@ -363,6 +372,7 @@ class _NestedBackend(_Backend):
         (self.ctl / "jobs").mkdir(parents=True)
         (self.ctl / "done").mkdir()
         self.console_path = self.session_dir / "l1-console.log"
+        self.monitor_path = self.session_dir / "monitor.sock"
         cmdline = " ".join(
             [
                 "console=ttyS0",
@@ -453,7 +463,6 @@ class _NestedBackend(_Backend):
 
     def _monitor_option(self) -> str:
         """QEMU's human monitor on a socket in the session, read when L1 fails (see below)."""
-        self.monitor_path = self.session_dir / "monitor.sock"
         if len(os.fsencode(self.monitor_path)) >= UNIX_PATH_MAX:
             return "none"
         return f"unix:{_escape_qemu(str(self.monitor_path))},server=on,wait=off"
@@ -516,58 +525,16 @@ class _NestedBackend(_Backend):
         submitted = time.monotonic()
         started_at: float | None = None
         status_path = job / "status"
-        console = ConsoleWatch(self.console_path)
-        heartbeat = Heartbeat(self.ctl / "heartbeat", submitted)
-        nmi_sent_at: float | None = None
-        next_console_check = submitted + CONSOLE_CHECK_INTERVAL
+        watch = _Watch(
+            ConsoleWatch(self.console_path), Heartbeat(self.ctl / "heartbeat", submitted)
+        )
+        next_watch = submitted + CONSOLE_CHECK_INTERVAL
         while not status_path.exists():
             output.pump()
             now = time.monotonic()
-            if now >= next_console_check:
-                next_console_check = now + CONSOLE_CHECK_INTERVAL
-                silent = heartbeat.silent_for(now)
-                if nmi_sent_at is not None and silent < now - nmi_sent_at:
-                    self.revivals.append(
-                        f"L1 (session {self.session_dir.name}) was silent for "
-                        f"{nmi_sent_at - heartbeat.silence_began:.0f} s and came back after an "
-                        f"NMI, while running {_shorten(shlex.join(argv))}"
-                    )
-                    log.warning("testbed: %s", self.revivals[-1])
-                    nmi_sent_at = None
-                if silent >= HEARTBEAT_SILENCE and nmi_sent_at is None:
-                    # A cheap try before giving L1 up: an L1 that only stalled loses nothing by
-                    # it. The wedges seen so far did not answer it (no "NMI received" on the
-                    # console): both CPUs halted with interrupts enabled and vectors pending in
-                    # their APICs, as if the emulated SVM global interrupt flag were stuck
-                    # clear, or both CPUs at the int3 entry with interrupts disabled.
-                    heartbeat.silence_began = now - silent
-                    nmi_sent_at = now
-                    log.warning("testbed: L1 has been silent for %.0f s; sending it an NMI", silent)
-                    self._monitor_command(b"nmi\n")
-                elif nmi_sent_at is not None and now - nmi_sent_at >= HEARTBEAT_SILENCE:
-                    saved = self._shut_down_failed(
-                        f"L1 was silent for {silent:.0f} s, even after an NMI"
-                    )
-                    output.pump(final=True)
-                    raise TestbedError(
-                        f"The nested test host stopped answering while running "
-                        f"{shlex.join(argv)}: no heartbeat for {silent:.0f} s, even after an "
-                        f"NMI, so it was shut down.{saved}",
-                        console_log=self.console_log(),
-                        output=output.text,
-                    )
-                stuck = console.check()
-                if stuck >= WEDGED_AFTER_SECONDS:
-                    # Waiting for the command's timeout would only waste that time: the stuck
-                    # CPU never comes back (the session's caller boots a fresh L1 and retries).
-                    saved = self._shut_down_failed(f"an L1 CPU was stuck for {stuck} s")
-                    output.pump(final=True)
-                    raise TestbedError(
-                        f"The nested test host wedged while running {shlex.join(argv)}: its "
-                        f"kernel reported a CPU stuck for {stuck} s, so it was shut down.{saved}",
-                        console_log=self.console_log(),
-                        output=output.text,
-                    )
+            if now >= next_watch:
+                next_watch = now + CONSOLE_CHECK_INTERVAL
+                self._watch_l1(watch, argv, now, output)
             if started_at is None and (job / "started").exists():
                 started_at = now
             code = self.process.poll()
@@ -586,14 +553,12 @@ class _NestedBackend(_Backend):
                 else started_at + timeout + RESPONSE_GRACE
             )
             if now > limit:
-                saved = self._shut_down_failed("L1 stopped answering")
-                output.pump(final=True)
                 what = "did not pick up" if started_at is None else "did not finish or kill"
-                raise TestbedError(
+                raise self._failure(
+                    "L1 stopped answering",
                     f"The nested test host {what} the command {shlex.join(argv)} within "
-                    f"{now - submitted:.0f} s and was shut down.{saved}",
-                    console_log=self.console_log(),
-                    output=output.text,
+                    f"{now - submitted:.0f} s and was shut down.",
+                    output,
                 )
             time.sleep(POLL_INTERVAL)
         duration = time.monotonic() - (started_at or submitted)
@@ -627,12 +592,54 @@ class _NestedBackend(_Backend):
             pass
         return b"".join(chunks)
 
-    def _shut_down_failed(self, reason: str) -> str:
-        """Mark L1 broken, save its CPU state, kill it; return a sentence naming the saved file."""
+    def _watch_l1(self, watch: _Watch, argv: Sequence[str], now: float, output: _Output) -> None:
+        """Look at L1's heartbeat and console; send a silent L1 an NMI, and raise `TestbedError`
+        (L1 shut down) when it stays silent after that or reports a CPU stuck for good."""
+        silent = watch.heartbeat.silent_for(now)
+        if watch.nmi_sent_at is not None and silent < now - watch.nmi_sent_at:
+            self.revivals.append(
+                f"L1 (session {self.session_dir.name}) was silent for {watch.silent_at_nmi:.0f} "
+                f"s and came back after an NMI, while running {_shorten(shlex.join(argv))}"
+            )
+            log.warning("testbed: %s", self.revivals[-1])
+            watch.nmi_sent_at = None
+        if silent >= HEARTBEAT_SILENCE and watch.nmi_sent_at is None:
+            # A cheap try before giving L1 up: an L1 that only stalled loses nothing by it. The
+            # wedges seen so far did not answer it (no "NMI received" on the console): both
+            # CPUs halted with interrupts enabled and vectors pending in their APICs, as if the
+            # emulated SVM global interrupt flag were stuck clear, or both CPUs at the int3
+            # entry with interrupts disabled.
+            watch.nmi_sent_at, watch.silent_at_nmi = now, silent
+            log.warning("testbed: L1 has been silent for %.0f s; sending it an NMI", silent)
+            self._monitor_command(b"nmi\n")
+        elif watch.nmi_sent_at is not None and now - watch.nmi_sent_at >= HEARTBEAT_SILENCE:
+            raise self._failure(
+                f"L1 was silent for {silent:.0f} s, even after an NMI",
+                f"The nested test host stopped answering while running {shlex.join(argv)}: no "
+                f"heartbeat for {silent:.0f} s, even after an NMI, so it was shut down.",
+                output,
+            )
+        stuck = watch.console.check()
+        if stuck >= WEDGED_AFTER_SECONDS:
+            # Waiting for the command's timeout would only waste that time: the stuck CPU never
+            # comes back (the session's caller boots a fresh L1 and retries).
+            raise self._failure(
+                f"an L1 CPU was stuck for {stuck} s",
+                f"The nested test host wedged while running {shlex.join(argv)}: its kernel "
+                f"reported a CPU stuck for {stuck} s, so it was shut down.",
+                output,
+            )
+
+    def _failure(self, reason: str, message: str, output: _Output) -> TestbedError:
+        """Mark L1 broken for ``reason``, save its CPU state and kill it; return the error to
+        raise, ``message`` followed by where the CPU state went."""
         self.broken = reason
         saved = self.save_cpu_state()
         self._kill()
-        return f" L1's CPU registers at that moment are in {saved}." if saved else ""
+        output.pump(final=True)
+        if saved is not None:
+            message += f" L1's CPU registers at that moment are in {saved}."
+        return TestbedError(message, console_log=self.console_log(), output=output.text)
 
     def _kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -767,6 +774,8 @@ class TestbedSession:
         self.mode = mode
         #: Each silent L1 that an NMI brought back, and the command it was running.
         self.revivals: list[str] = []
+        #: Why each L1 replaced during this session failed, and the command it was running.
+        self.replacements: list[str] = []
         self._backend: _Backend
         if mode == "direct":
             self._backend = _DirectBackend()
@@ -782,8 +791,6 @@ class TestbedSession:
             )
         self._started = False
         self._closed = False
-        #: Why each L1 replaced during this session failed, and the command it was running.
-        self.replacements: list[str] = []
 
     def start(self) -> TestbedSession:
         """Prepare the testbed (boot L1 if nested); returns self. Raises `TestbedError`."""
@@ -827,8 +834,8 @@ class TestbedSession:
         The command is killed with its process group after ``timeout`` seconds, which raises
         `CommandTimeoutError`. When L1 fails under the command, the command runs again on a
         fresh L1, up to `L1_REPLACEMENTS` times; a testbed failure beyond that raises
-        `TestbedError`. ``cwd`` defaults to the
-        work directory; ``env`` adds variables to a small default environment.
+        `TestbedError`. ``cwd`` defaults to the work directory; ``env`` adds variables to a
+        small default environment.
         """
         if not argv:
             raise ValueError("The command to run is empty.")
