@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--cache-dir", type=Path, default=None)
     run.add_argument("--memory", type=int, default=None, metavar="MIB", help="L1 memory")
+    run.add_argument("--cpus", type=int, default=None, metavar="N", help="L1 vCPUs (default 1)")
     run.add_argument("-q", "--quiet", action="store_true", help="do not report testbed progress")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args(argv)
@@ -48,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(f"nubis testbed: {text}", file=sys.stderr, flush=True)
 
-    kwargs = {} if args.memory is None else {"memory_mib": args.memory}
+    kwargs: dict[str, int] = {}
+    if args.memory is not None:
+        kwargs["memory_mib"] = args.memory
+    if args.cpus is not None:
+        kwargs["cpus"] = args.cpus
     session = TestbedSession(
         mode=args.mode, cache_dir=args.cache_dir, workdir=args.workdir, **kwargs
     )

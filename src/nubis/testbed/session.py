@@ -69,7 +69,14 @@ L1_MODULES: tuple[str, ...] = (
     "9p",
 )
 DEFAULT_MEMORY_MIB = 3072
-DEFAULT_CPUS = 2
+#: L1's vCPUs. One: with two, QEMU 7.2's multi-threaded TCG running the emulated SVM on both
+#: corrupts L1 or its guests often under exit-heavy work. Measured booting a guest that prints
+#: its whole kernel log to the 16550 UART (two exits per byte): with two L1 vCPUs, 3 of 7 boots
+#: and then 2 of 3 failed (an L2 triple fault or reset, or L1 panicking on a page fault at a
+#: per-CPU address in an L2 VMM's thread, for QEMU's guests and nubis's alike); with one, 6 of
+#: 6 passed, each boot taking about 1.6 times as long. Single-threaded TCG with two vCPUs is no
+#: cure: those guests stalled mid-boot.
+DEFAULT_CPUS = 1
 #: Seconds L1 may take from QEMU's start to serving jobs.
 DEFAULT_BOOT_TIMEOUT = 240.0
 #: Seconds L1 gets beyond a command's own timeout before it counts as unresponsive.
