@@ -368,8 +368,26 @@ def cpu_per_unit(
     return statistics.median(per_run) if per_run else None
 
 
+#: vCPUs of the nested test host when a benchmark runs there. The tests' default is one (see
+#: nubis.testbed.session.DEFAULT_CPUS), but on one CPU the VMM's device threads and the guest's
+#: two vCPUs take turns, which measures an oversubscribed host; with two, a device thread has a
+#: CPU of its own beside the guest's, as on the hosts these VMMs serve. ``--l1-cpus 1`` gives
+#: the CPU-bound view.
+L1_CPUS = 2
+
+
+def l1_cpus_argument(parser: argparse.ArgumentParser) -> None:
+    """The --l1-cpus option: the nested test host's vCPUs (default `L1_CPUS`)."""
+    parser.add_argument(
+        "--l1-cpus",
+        type=int,
+        default=L1_CPUS,
+        help=f"vCPUs of the nested test host (default {L1_CPUS})",
+    )
+
+
 def vmm_arguments(parser: argparse.ArgumentParser, vmms: list[str], runtime_help: str) -> None:
-    """The options every guest benchmark takes: --runs, --runtime, --vmm and the inner --inner."""
+    """The options every guest benchmark takes: --runs, --runtime, --vmm, --l1-cpus, --inner."""
     parser.add_argument("--runs", type=int, default=2, help="runs of each VMM (default 2)")
     parser.add_argument("--runtime", type=int, default=8, help=runtime_help)
     parser.add_argument(
@@ -379,4 +397,5 @@ def vmm_arguments(parser: argparse.ArgumentParser, vmms: list[str], runtime_help
         default=None,
         help="VMMs to run (default all; QEMU is needed for the report)",
     )
+    l1_cpus_argument(parser)
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)

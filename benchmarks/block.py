@@ -330,7 +330,7 @@ def main() -> int:
 
     images = build_guest_images(rootfs_packages=["fio"])
     names = args.vmm or list(VMMS)
-    testbed = TestbedSession()
+    testbed = TestbedSession(cpus=args.l1_cpus)
     data = testbed.workdir / "bench-block" / "data.img"
     make_data_disk(data, DATA_DISK_MIB)
     config = {
@@ -388,6 +388,7 @@ def main() -> int:
         data_disk_mib=DATA_DISK_MIB,
         data_on=args.data_on,
         testbed=testbed.mode,
+        l1_cpus=args.l1_cpus,
         elapsed_s=round(time.monotonic() - started, 1),
     )
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _guestrun import Killer
+from _guestrun import Killer, l1_cpus_argument
 from _report import emit
 
 MARKER = b"NUBIS-USERSPACE"
@@ -108,6 +108,7 @@ def main() -> int:
         default=None,
         help="VMMs to time (default all)",
     )
+    l1_cpus_argument(parser)
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner is not None:
@@ -129,7 +130,7 @@ def main() -> int:
             "bindir": os.path.dirname(sys.executable),
         },
     }
-    with TestbedSession() as testbed:
+    with TestbedSession(cpus=args.l1_cpus) as testbed:
         print(f"boot: {testbed.description}", file=sys.stderr)
         budget = RUN_TIMEOUT * args.runs * len(names) + 60
         result = testbed.run(
@@ -161,6 +162,7 @@ def main() -> int:
         runs=args.runs,
         samples=samples,
         testbed=testbed.mode,
+        l1_cpus=args.l1_cpus,
         nubis_failure=data["failures"].get("nubis"),
     )
     return 0

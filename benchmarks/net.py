@@ -299,7 +299,7 @@ def main() -> int:
     }
     started = time.monotonic()
     try:
-        with TestbedSession() as testbed:
+        with TestbedSession(cpus=args.l1_cpus) as testbed:
             print(f"net: {testbed.description}", file=sys.stderr)
             budget = RUN_TIMEOUT * args.runs * len(names) + 120
             command = ["unshare", "--net", sys.executable, os.path.abspath(__file__)]
@@ -328,6 +328,7 @@ def main() -> int:
         runs=args.runs,
         iperf3_runtime_s=args.runtime,
         testbed=testbed.mode,
+        l1_cpus=args.l1_cpus,
         elapsed_s=round(time.monotonic() - started, 1),
     )
 
