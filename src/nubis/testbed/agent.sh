@@ -129,7 +129,10 @@ while [ ! -e "$C/shutdown" ]; do
         [ -e "$go" ] || continue
         d=${go%/go}
         [ -e "$d/started" ] && continue
-        : >"$d/started"
+        # The host moves a finished job to done/, maybe between the test above and this line.
+        # A failed redirection on ":" (a special built-in) would end this shell, which is
+        # init: the subshell keeps that failure to itself, and the job is skipped.
+        (: >"$d/started") 2>/dev/null || continue
         setsid /init --run-job "$d" &
     done
     usleep 100000
