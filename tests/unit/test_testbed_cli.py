@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -12,12 +12,9 @@ from nubis.testbed.session import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, CommandResul
 
 
 class FakeSession:
-    """Records how it was made; runs nothing, returning exit status 7."""
+    """Runs nothing, returning exit status 7."""
 
-    made: ClassVar[list[dict[str, Any]]] = []
-
-    def __init__(self, **kwargs: Any) -> None:
-        FakeSession.made.append(kwargs)
+    def __init__(self) -> None:
         self.mode = "direct"
         self.description = "fake"
 
@@ -34,9 +31,15 @@ class FakeSession:
 
 @pytest.fixture
 def made(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    FakeSession.made = []
-    monkeypatch.setattr(cli, "TestbedSession", FakeSession)
-    return FakeSession.made
+    """The keyword arguments of each session the command line makes."""
+    made: list[dict[str, Any]] = []
+
+    def make(**kwargs: Any) -> FakeSession:
+        made.append(kwargs)
+        return FakeSession()
+
+    monkeypatch.setattr(cli, "TestbedSession", make)
+    return made
 
 
 def test_l1_size_defaults_to_the_session_defaults(made: list[dict[str, Any]]) -> None:

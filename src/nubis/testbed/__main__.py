@@ -13,7 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nubis.testbed.session import CommandTimeoutError, TestbedError, TestbedSession
+from nubis.testbed.session import (
+    DEFAULT_CPUS,
+    CommandTimeoutError,
+    TestbedError,
+    TestbedSession,
+)
 
 EXIT_TIMEOUT = 124
 EXIT_TESTBED_FAILED = 125
@@ -36,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--cache-dir", type=Path, default=None)
     run.add_argument("--memory", type=int, default=None, metavar="MIB", help="L1 memory")
-    run.add_argument("--cpus", type=int, default=None, metavar="N", help="L1 vCPUs (default 1)")
+    run.add_argument(
+        "--cpus", type=int, default=None, metavar="N", help=f"L1 vCPUs (default {DEFAULT_CPUS})"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="do not report testbed progress")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args(argv)
